@@ -1,0 +1,628 @@
+"""Dreamer (Hafner et al., ICLR 2020): config, command line, the agent and the training loop."""
+
+import argparse
+import collections
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+
+# Do not override environment variables the user set.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('MUJOCO_GL', 'egl')
+
+import numpy as np
+import tensorflow as tf
+
+tf.get_logger().setLevel('ERROR')
+
+import keras
+from tensorflow_probability import distributions as tfd
+
+sys.path.append(str(pathlib.Path(__file__).parent))
+
+import models
+import tools
+import wrappers
+
+
+def define_config():
+  config = tools.AttrDict()
+  # General.
+  config.logdir = pathlib.Path('.')
+  config.seed = 0
+  config.steps = int(5e6)
+  config.eval_every = int(1e4)
+  config.log_every = int(1e3)
+  config.log_scalars = True
+  config.log_images = True
+  config.gpu_growth = True
+  config.precision = 16
+  # Environment.
+  config.task = 'dmc_walker_walk'
+  config.envs = 1
+  config.parallel = 'none'
+  config.action_repeat = 2
+  config.time_limit = 1000
+  config.prefill = 5000
+  config.eval_noise = 0.0
+  config.clip_rewards = 'none'
+  config.worker_timeout = 120.0  # Seconds an environment worker may take to answer one call.
+  # Model.
+  config.deter_size = 200
+  config.stoch_size = 30
+  config.num_units = 400
+  config.dense_act = 'elu'
+  config.cnn_act = 'relu'
+  config.cnn_depth = 32
+  config.pcont = False
+  config.free_nats = 3.0
+  config.kl_scale = 1.0
+  config.pcont_scale = 10.0
+  config.weight_decay = 0.0
+  config.weight_decay_pattern = r'.*'
+  config.shared_noise = True  # The reference's RSSM noise: one vector per step for the whole batch.
+  # Training.
+  config.batch_size = 50
+  config.batch_length = 50
+  config.train_every = 1000
+  config.train_steps = 100
+  config.pretrain = 100
+  config.model_lr = 6e-4
+  config.value_lr = 8e-5
+  config.actor_lr = 8e-5
+  config.grad_clip = 100.0
+  config.dataset_balance = False
+  # Behavior.
+  config.discount = 0.99
+  config.disclam = 0.95
+  config.horizon = 15
+  config.action_dist = 'tanh_normal'
+  config.action_init_std = 5.0
+  config.expl = 'additive_gaussian'
+  config.expl_amount = 0.3
+  config.expl_decay = 0.0
+  config.expl_min = 0.0
+  return config
+
+
+CHOICES = dict(
+    precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
+    dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
+    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'))
+POSITIVE = ('steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
+            'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
+            'worker_timeout')
+
+
+class UserError(Exception):
+  """A mistake in the user's input; reported as one message with exit code 2, no traceback."""
+
+
+def check_config(config):
+  for key, allowed in CHOICES.items():
+    if config[key] not in allowed:
+      raise UserError(f"--{key} {config[key]} is not allowed; choose one of: {', '.join(map(str, allowed))}.")
+  for key in POSITIVE:
+    if config[key] <= 0:
+      raise UserError(f'--{key} must be positive, got {config[key]}.')
+  if config.batch_length < 2:
+    raise UserError(f'--batch_length must be at least 2, got {config.batch_length}.')
+  if config.task.partition('_')[0] not in wrappers.SUITES:
+    raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
+                    "(tasks are named <suite>_<task>, e.g. dmc_walker_walk).")
+
+
+# Precision ----------------------------------------------------------------------------------------------------------
+
+def cpu_has_bf16():
+  try:
+    flags = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return False
+  return ' avx512_bf16' in flags or ' amx_bf16' in flags
+
+
+def resolve_precision(config):
+  """The dtype policy for --precision. 16 means mixed_float16 on a GPU (with loss scaling); on a CPU float16 is
+  slow, so 16 means mixed_bfloat16 where the processor has bfloat16 instructions and float32 otherwise."""
+  if config.precision == 32:
+    return 'float32'
+  if tf.config.list_physical_devices('GPU'):
+    return 'mixed_float16'
+  return 'mixed_bfloat16' if cpu_has_bf16() else 'float32'
+
+
+# The agent ----------------------------------------------------------------------------------------------------------
+
+class Mean:
+  """A running mean kept in two float32 variables (total, count), as tf.metrics.Mean in the checkpoint."""
+
+  def __init__(self):
+    self.total = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+    self.count = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+
+  def update_state(self, values):
+    values = tf.cast(values, tf.float32)
+    self.total.assign_add(tf.reduce_sum(values))
+    self.count.assign_add(tf.cast(tf.size(values), tf.float32))
+
+  def result(self):
+    return float(tf.math.divide_no_nan(self.total, self.count))
+
+  def reset_states(self):
+    self.total.assign(0.0)
+    self.count.assign(0.0)
+
+
+METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss', 'div', 'expl_amount', 'image_loss', 'model_grad_norm',
+           'model_loss', 'post_ent', 'prior_ent', 'reward_loss', 'value_grad_norm', 'value_loss')
+
+
+class Dreamer:
+
+  def __init__(self, config, datadir, actspace, writer=None, progress=None):
+    self._c = config
+    self._actspace = actspace
+    self._actdim = actspace.n if hasattr(actspace, 'n') else actspace.shape[0]
+    self._writer = writer
+    self._progress = progress if progress is not None else {}
+    self._datadir = pathlib.Path(datadir)
+    self._step = tf.Variable(count_steps(datadir, config), dtype=tf.int64, trainable=False)
+    self._should_pretrain = tools.Once()
+    self._should_train = tools.Every(config.train_every)
+    self._should_log = tools.Every(config.log_every)
+    self._last_log = None
+    self._last_time = time.time()
+    names = ['expl_amount']
+    if config.log_scalars:
+      names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
+    self._metrics = {name: Mean() for name in sorted(names)}
+    self._float = keras.mixed_precision.global_policy().compute_dtype
+    self._dataset = iter(load_dataset(datadir, config))
+    self._build_model()
+
+  def __call__(self, obs, reset, state=None, training=True):
+    step = int(self._step.numpy())
+    if training and self._should_train(step):
+      log = self._should_log(step)
+      n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
+      print(f'Training for {n} steps.')
+      for train_step in range(n):
+        data = next(self._dataset)
+        if log and train_step == 0 and self._c.log_images:
+          self._log_openl(data)
+        self.train(data)
+      if log:
+        self._write_summaries()
+    action, state = self.policy(obs, reset, state, training)
+    if training:
+      self._step.assign_add(len(reset) * self._c.action_repeat)
+    return action, state
+
+  def policy(self, obs, reset, state, training):
+    """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state."""
+    image = tf.convert_to_tensor(obs['image'])
+    if state is None:
+      state = (self._dynamics.initial(len(obs['image'])), tf.zeros((len(obs['image']), self._actdim)))
+    amount = self._expl_amount(training)
+    if training:
+      self._metrics['expl_amount'].update_state(amount)
+    action, state = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
+    return action.numpy(), state
+
+  @tf.function
+  def _policy(self, image, reset, state, training, amount):
+    latent, action = state
+    mask = 1.0 - tf.cast(reset, tf.float32)[:, None]
+    latent = {k: v * tf.cast(mask, v.dtype) for k, v in latent.items()}
+    action = action * mask
+    embed = self._encode(preprocess({'image': image}, self._c))
+    latent, _ = self._dynamics.obs_step(latent, action, embed)
+    feat = self._dynamics.get_feat(latent)
+    if training:
+      action = self._actor(feat).sample()
+    else:
+      action = self._actor(feat).mode()
+    action = self._exploration(action, training, amount)
+    return action, (latent, action)
+
+  def _expl_amount(self, training):
+    if not training:
+      return float(self._c.eval_noise)
+    amount = self._c.expl_amount
+    if self._c.expl_decay:
+      amount *= 0.5 ** (float(self._step.numpy()) / self._c.expl_decay)
+    if self._c.expl_min:
+      amount = max(self._c.expl_min, amount)
+    return float(amount)
+
+  def _exploration(self, action, training, amount):
+    if not training and not self._c.eval_noise:
+      return action
+    if self._c.expl == 'additive_gaussian':
+      return tf.clip_by_value(tfd.Normal(action, amount).sample(), -1, 1)
+    if self._c.expl == 'completely_random':
+      return tf.random.uniform(tf.shape(action), -1, 1)
+    if self._c.expl == 'epsilon_greedy':
+      indices = tfd.Categorical(logits=0 * action).sample()
+      return tf.where(
+          tf.random.uniform(tf.shape(action)[:1], 0, 1)[:, None] < amount,
+          tf.one_hot(indices, self._actdim, dtype=action.dtype), action)
+    raise NotImplementedError(self._c.expl)
+
+  @tf.function
+  def train(self, data):
+    metrics = self._train(data)
+    if self._c.log_scalars:
+      for name, value in metrics.items():
+        self._metrics[name].update_state(value)
+    return metrics
+
+  def _train(self, data):
+    """One update of the world model, the actor and the value. data: dict of [B, T, ...] float32 tensors."""
+    c = self._c
+    # World model.
+    with tf.GradientTape() as model_tape:
+      embed = self._encode(data)  # [B, T, 1024]
+      post, prior = self._dynamics.observe(embed, data['action'])
+      feat = self._dynamics.get_feat(post)  # [B, T, stoch + deter]
+      image_pred = self._decode(feat)
+      reward_pred = self._reward(feat)
+      likes = {}
+      likes['image'] = tf.reduce_mean(image_pred.log_prob(data['image']))
+      likes['reward'] = tf.reduce_mean(reward_pred.log_prob(data['reward']))
+      if c.pcont:
+        pcont_pred = self._pcont(feat)
+        pcont_target = c.discount * data['discount']
+        likes['pcont'] = c.pcont_scale * tf.reduce_mean(pcont_pred.log_prob(pcont_target))
+      prior_dist = self._dynamics.get_dist(prior)
+      post_dist = self._dynamics.get_dist(post)
+      div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+      div = tf.maximum(div, c.free_nats)
+      model_loss = c.kl_scale * div - sum(likes.values())
+
+    # Behavior: imagine ahead from every posterior state.
+    with tf.GradientTape() as actor_tape:
+      imag_feat = self._imagine_ahead(post)  # [H, B*T, stoch + deter]
+      reward = self._reward(imag_feat).mode()
+      if c.pcont:
+        pcont = self._pcont(imag_feat).mean()
+      else:
+        pcont = c.discount * tf.ones_like(reward)
+      value = self._value(imag_feat).mode()
+      returns = tools.lambda_return(
+          reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=c.disclam, axis=0)
+      discount = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+      actor_loss = -tf.reduce_mean(discount * returns)
+
+    with tf.GradientTape() as value_tape:
+      value_pred = self._value(imag_feat)[:-1]
+      target = tf.stop_gradient(returns)
+      value_loss = -tf.reduce_mean(discount * value_pred.log_prob(target))
+
+    model_norm = self._model_opt(model_tape, model_loss)
+    actor_norm = self._actor_opt(actor_tape, actor_loss)
+    value_norm = self._value_opt(value_tape, value_loss)
+
+    metrics = dict(
+        model_grad_norm=model_norm, value_grad_norm=value_norm, actor_grad_norm=actor_norm,
+        prior_ent=prior_dist.entropy(), post_ent=post_dist.entropy(), div=div, model_loss=model_loss,
+        value_loss=value_loss, actor_loss=actor_loss, action_ent=self._actor(feat).entropy())
+    for name, logprob in likes.items():
+      metrics[name + '_loss'] = -logprob
+    return metrics
+
+  def _imagine_ahead(self, post):
+    if self._c.pcont:  # Last step could be terminal.
+      post = {k: v[:, :-1] for k, v in post.items()}
+    flatten = lambda x: tf.reshape(x, [-1] + list(x.shape[2:]))
+    start = {k: flatten(v) for k, v in post.items()}
+    policy = lambda state: self._actor(tf.stop_gradient(self._dynamics.get_feat(state))).sample()
+    states = tools.static_scan(
+        lambda prev, _: self._dynamics.img_step(prev, policy(prev)), tf.range(self._c.horizon), start)
+    return self._dynamics.get_feat(states)
+
+  def _build_model(self):
+    c = self._c
+    self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, name='encode')
+    self._dynamics = models.RSSM(c.stoch_size, c.deter_size, c.deter_size, shared_noise=c.shared_noise,
+                                 name='dynamics')
+    self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode')
+    self._reward = models.DenseDecoder((), 2, c.num_units, act=c.dense_act, name='reward')
+    if c.pcont:
+      self._pcont = models.DenseDecoder((), 3, c.num_units, 'binary', act=c.dense_act, name='pcont')
+    self._value = models.DenseDecoder((), 3, c.num_units, act=c.dense_act, name='value')
+    self._actor = models.ActionDecoder(
+        self._actdim, 4, c.num_units, c.action_dist, init_std=c.action_init_std, act=c.dense_act, name='actor')
+    model_modules = [self._encode, self._dynamics, self._decode, self._reward]
+    if c.pcont:
+      model_modules.append(self._pcont)
+    loss_scale = self._float == 'float16'
+    Optimizer = functools.partial(
+        tools.Optimizer, wd=c.weight_decay, clip=c.grad_clip, wdpattern=c.weight_decay_pattern,
+        loss_scale=loss_scale)
+    # Create every variable with a forward pass, then one real train step as the reference does.
+    data = next(self._dataset)
+    self._build_variables(data)
+    self._model_opt = Optimizer('model', model_modules, c.model_lr)
+    self._value_opt = Optimizer('value', [self._value], c.value_lr)
+    self._actor_opt = Optimizer('actor', [self._actor], c.actor_lr)
+    for opt in (self._model_opt, self._value_opt, self._actor_opt):
+      opt.variables  # Creates the slots outside tf.function, so the train step is traced once.
+    self.train(data)
+
+  def _build_variables(self, data):
+    embed = self._encode(data)
+    post, _ = self._dynamics.observe(embed[:, :2], data['action'][:, :2])
+    feat = self._dynamics.get_feat(post)
+    for head in [self._decode, self._reward, self._value, self._actor] + ([self._pcont] if self._c.pcont else []):
+      head(feat)
+
+  # Checkpoints ------------------------------------------------------------------------------------------------------
+
+  def checkpoint_table(self):
+    """(name, variable) in the reference's variables.pkl order: its tf.Module traversal of the agent (attributes
+    sorted by name, variables of a module before its submodules, each variable once)."""
+    dense = lambda prefix, layers: [
+        (f'{prefix}/{layer.name}/{w}', getattr(layer, w)) for layer in layers for w in ('kernel', 'bias')]
+    enc, dyn, dec = self._encode, self._dynamics, self._decode
+    table = [('_step', self._step)]
+    table += dense('_actor', self._actor.dense_layers)
+    table += dense('_decode', [dec.h1, dec.h2, dec.h3, dec.h4, dec.h5])
+    cell = dyn._cell
+    table += [('_dynamics/_cell/kernel', cell.kernel), ('_dynamics/_cell/recurrent_kernel', cell.recurrent_kernel),
+              ('_dynamics/_cell/bias', cell.bias)]
+    table += dense('_dynamics', [dyn.img1, dyn.img2, dyn.img3, dyn.obs1, dyn.obs2])
+    table += dense('_encode', [enc.h1, enc.h2, enc.h3, enc.h4])
+    for name, metric in self._metrics.items():  # Sorted by name.
+      table += [(f'_metrics/{name}/total', metric.total), (f'_metrics/{name}/count', metric.count)]
+    # The reward and pcont heads are reached through the model optimizer, which sorts before them.
+    table += dense('_reward', self._reward.dense_layers)
+    if self._c.pcont:
+      table += dense('_pcont', self._pcont.dense_layers)
+    table += dense('_value', self._value.dense_layers)
+    return table
+
+  def save(self, filename):
+    tools.write_checkpoint(filename, [v.numpy() for _, v in self.checkpoint_table()])
+
+  def load(self, filename):
+    """Validates the whole file against this agent before assigning anything."""
+    values = tools.read_checkpoint(filename)
+    table = self.checkpoint_table()
+    if len(values) != len(table):
+      raise tools.CheckpointError(
+          f'Checkpoint {filename} has {len(values)} arrays, this agent has {len(table)}. '
+          f'Likely differing flags: {mismatch_hint(len(values), len(table), self._c)}.')
+    for index, ((name, var), value) in enumerate(zip(table, values)):
+      if tuple(var.shape) != value.shape or var.dtype.as_numpy_dtype != value.dtype:
+        raise tools.CheckpointError(
+            f'Checkpoint {filename} entry {index} ({name}): expected shape {tuple(var.shape)} '
+            f'{var.dtype.name}, found {value.shape} {value.dtype}. Likely differing flags: '
+            f'{mismatch_hint(len(values), len(table), self._c)}.')
+    for (_, var), value in zip(table, values):
+      var.assign(value)
+    self._should_pretrain()  # A loaded agent skips the pretraining round.
+
+  # Summaries --------------------------------------------------------------------------------------------------------
+
+  @tf.function
+  def _openl(self, data):
+    """Video [6, T, 3 * 64, 64, 3] in [0, 1]: truth, model (5 observed steps, then open loop), error."""
+    n = min(6, self._c.batch_size)
+    embed = self._encode(data)
+    post, _ = self._dynamics.observe(embed[:n], data['action'][:n])
+    truth = data['image'][:n] + 0.5
+    recon = self._decode(self._dynamics.get_feat(post)).mode()
+    init = {k: v[:, 4] for k, v in post.items()}
+    prior = self._dynamics.imagine(data['action'][:n, 5:], init)
+    openl = self._decode(self._dynamics.get_feat(prior)).mode()
+    model = tf.concat([recon[:, :5] + 0.5, openl + 0.5], 1)
+    error = (model - truth + 1) / 2
+    return tf.concat([truth, model, error], 2)
+
+  def _log_openl(self, data):
+    if self._writer is None or self._c.batch_length <= 5:
+      return
+    video = self._openl(data).numpy()
+    with self._writer.as_default():
+      tools.video_summary('agent/openl', video, int(self._step.numpy()))
+
+  def _write_summaries(self):
+    step = int(self._step.numpy())
+    metrics = [(k, v.result()) for k, v in self._metrics.items()]
+    if self._last_log is not None:
+      duration = time.time() - self._last_time
+      self._last_time += duration
+      metrics.append(('fps', (step - self._last_log) / duration))
+    self._last_log = step
+    [m.reset_states() for m in self._metrics.values()]
+    with (self._c.logdir / 'metrics.jsonl').open('a') as f:
+      f.write(json.dumps({'step': step, **dict(metrics)}) + '\n')
+    if self._writer is not None:
+      with self._writer.as_default():
+        [tf.summary.scalar('agent/' + k, m, step) for k, m in metrics]
+      self._writer.flush()
+    print(f'[{step}]', ' / '.join(f'{k} {v:.1f}' for k, v in metrics))
+    self._print_progress(step, dict(metrics).get('fps'))
+
+  def _print_progress(self, step, fps):
+    parts = [f'step {step}/{self._c.steps}']
+    if fps:
+      parts.append(f'{fps:.1f} steps/s')
+    for key in ('train/return', 'test/return'):
+      if key in self._progress:
+        parts.append(f'{key} {self._progress[key]:.1f}')
+    if fps:
+      left = max(0, self._c.steps - step) / fps
+      parts.append(f'time left {left / 3600:.1f} h')
+    print('Progress:', ' | '.join(parts), flush=True)
+
+
+def mismatch_hint(found, expected, config):
+  hints = []
+  if abs(found - expected) == 10 or abs(found - expected) == 8:
+    hints.append('--pcont')
+  if abs(found - expected) in (24, 26):
+    hints.append('--log_scalars')
+  hints += ['--deter_size', '--stoch_size', '--num_units', '--cnn_depth', '--action_dist', '--task']
+  return ', '.join(dict.fromkeys(hints))
+
+
+# Data ---------------------------------------------------------------------------------------------------------------
+
+def preprocess(obs, config):
+  """Images to float32 in [-0.5, 0.5], other floats to float32, rewards clipped as --clip_rewards says."""
+  obs = dict(obs)
+  for key, value in obs.items():
+    if key == 'image':
+      obs[key] = tf.cast(value, tf.float32) / 255.0 - 0.5
+    elif value.dtype.is_floating:
+      obs[key] = tf.cast(value, tf.float32)
+  if 'reward' in obs:
+    clip_rewards = dict(none=lambda x: x, tanh=tf.tanh)[config.clip_rewards]
+    obs['reward'] = clip_rewards(obs['reward'])
+  return obs
+
+
+def count_steps(datadir, config):
+  return tools.count_episodes(datadir)[1] * config.action_repeat
+
+
+def load_dataset(directory, config):
+  generator = lambda: tools.load_episodes(
+      directory, config.train_steps, config.batch_length, config.dataset_balance, config.seed)
+  episode = next(tools.load_episodes(directory, 1, config.batch_length, seed=config.seed))
+  signature = {k: tf.TensorSpec((None,) + v.shape[1:], v.dtype) for k, v in episode.items()}
+  dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
+  dataset = dataset.batch(config.batch_size, drop_remainder=True)
+  dataset = dataset.map(functools.partial(preprocess, config=config))
+  return dataset.prefetch(10)
+
+
+# Environments -------------------------------------------------------------------------------------------------------
+
+def summarize_episode(episode, config, datadir, writer, prefix, progress=None):
+  episodes, _ = tools.count_episodes(datadir)
+  length = (len(episode['reward']) - 1) * config.action_repeat
+  ret = float(episode['reward'].astype(np.float64).sum())
+  print(f'{prefix.title()} episode of length {length} with return {ret:.1f}.')
+  metrics = [(f'{prefix}/return', ret), (f'{prefix}/length', len(episode['reward']) - 1), ('episodes', episodes)]
+  step = count_steps(datadir, config)
+  if progress is not None:
+    progress[f'{prefix}/return'] = ret
+  with (config.logdir / 'metrics.jsonl').open('a') as f:
+    f.write(json.dumps(dict([('step', step)] + metrics)) + '\n')
+  if writer is not None:
+    with writer.as_default():
+      [tf.summary.scalar('sim/' + k, v, step) for k, v in metrics]
+      if prefix == 'test':
+        tools.video_summary(f'sim/{prefix}/video', episode['image'][None], step)
+
+
+def make_env(config, prefix, index):
+  """An environment in its own worker process; `prefix` is train or test, `index` its number."""
+  seed = config.seed * 1000 + (0 if prefix == 'train' else 500) + index
+  kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
+                precision=config.precision, seed=seed)
+  return wrappers.Async(f'{config.task} {prefix} {index}', kwargs, config.parallel, config.worker_timeout)
+
+
+# Main ---------------------------------------------------------------------------------------------------------------
+
+def setup(config):
+  """Checks the logdir, sets devices, precision and seeds. Returns the dtype policy name."""
+  config.logdir = pathlib.Path(config.logdir).expanduser()
+  try:
+    config.logdir.mkdir(parents=True, exist_ok=True)
+    probe = config.logdir / '.write_test'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f'Cannot write to --logdir {config.logdir}: {e.strerror}. Choose a writable folder.')
+  if config.gpu_growth:
+    for gpu in tf.config.list_physical_devices('GPU'):
+      tf.config.experimental.set_memory_growth(gpu, True)
+  policy = resolve_precision(config)
+  keras.mixed_precision.set_global_policy(policy)
+  keras.utils.set_random_seed(config.seed)
+  return policy
+
+
+def main(config):
+  check_config(config)
+  policy = setup(config)
+  device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
+  print(f'Logdir {config.logdir}')
+  print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
+  tools.write_json(config.logdir / 'config.json', dict(config))
+
+  datadir = config.logdir / 'episodes'
+  writer = tf.summary.create_file_writer(str(config.logdir), max_queue=1000, flush_millis=20000)
+  progress = {}
+  train_envs, test_envs = [], []
+  try:
+    for i in range(config.envs):
+      train_envs.append(make_env(config, 'train', i))
+      test_envs.append(make_env(config, 'test', i))
+    actspace = train_envs[0].action_space
+    actspace.seed(config.seed)
+    on_train = lambda ep: (tools.save_episodes(datadir, [ep]),
+                           summarize_episode(ep, config, datadir, writer, 'train', progress))
+    on_test = lambda ep: summarize_episode(ep, config, datadir, writer, 'test', progress)
+
+    # Prefill dataset with random episodes.
+    step = count_steps(datadir, config)
+    prefill = max(0, config.prefill - step)
+    print(f'Prefill dataset with {prefill} steps.')
+    random_agent = lambda o, d, _: ([actspace.sample() for _ in d], None)
+    tools.simulate(random_agent, train_envs, prefill / config.action_repeat, on_episode=on_train)
+    writer.flush()
+
+    # Train and regularly evaluate the agent.
+    step = count_steps(datadir, config)
+    print(f'Simulating agent for {config.steps - step} steps.')
+    agent = Dreamer(config, datadir, actspace, writer, progress)
+    checkpoint = config.logdir / 'variables.pkl'
+    if checkpoint.exists():
+      print(f'Load checkpoint {checkpoint}.')
+      agent.load(checkpoint)
+      agent._step.assign(count_steps(datadir, config))  # The episodes on disk are the truth.
+    state = None
+    while step < config.steps:
+      print('Start evaluation.')
+      tools.simulate(functools.partial(agent, training=False), test_envs, episodes=1, on_episode=on_test)
+      writer.flush()
+      print('Start collection.')
+      steps = config.eval_every // config.action_repeat
+      state = tools.simulate(agent, train_envs, steps, state=state, on_episode=on_train)
+      step = count_steps(datadir, config)
+      agent.save(checkpoint)
+  finally:
+    for env in train_envs + test_envs:
+      env.close()
+    writer.flush()
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description='Dreamer: learning behaviors by latent imagination.')
+  for key, value in define_config().items():
+    parser.add_argument(f'--{key}', type=tools.args_type(value), default=value, metavar=type(value).__name__.upper())
+  config = tools.AttrDict(vars(parser.parse_args(argv)))
+  return config
+
+
+def cli(argv=None):
+  config = parse_args(argv)
+  try:
+    main(config)
+  except (UserError, wrappers.TaskError, tools.CheckpointError) as e:
+    print(f'Error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,0 +1,484 @@
+"""Helpers: config parsing, scans and returns, distributions, the optimizer, episodes on disk, simulation,
+summaries and checkpoint files."""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import pathlib
+import pickle
+import re
+import sys
+import uuid
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability import distributions as tfd
+
+
+class AttrDict(dict):
+
+  __setattr__ = dict.__setitem__
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+
+# Config parsing -----------------------------------------------------------------------------------------------------
+
+def args_type(default):
+  """The parser of a flag: bools only `True`/`False`, ints accept `5e6` but not `0.5`, paths expand `~`."""
+  if isinstance(default, bool):
+    def parse_bool(x):
+      if x not in ('True', 'False'):
+        raise argparse.ArgumentTypeError(f"expected True or False, got '{x}'")
+      return x == 'True'
+    return parse_bool
+  if isinstance(default, int):
+    def parse_int(x):
+      try:
+        value = float(x)
+      except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{x}'") from None
+      if not np.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{x}'")
+      return int(value)
+    return parse_int
+  if isinstance(default, float):
+    return float
+  if isinstance(default, pathlib.Path):
+    return lambda x: pathlib.Path(x).expanduser()
+  return type(default)
+
+
+# Scans and returns --------------------------------------------------------------------------------------------------
+
+def static_scan(fn, inputs, start, reverse=False):
+  """Unrolled scan over the leading axis of `inputs`; returns the stacked states (the start is not included)."""
+  last = start
+  outputs = [[] for _ in tf.nest.flatten(start)]
+  indices = range(tf.nest.flatten(inputs)[0].shape[0])
+  if reverse:
+    indices = reversed(indices)
+  for index in indices:
+    inp = tf.nest.map_structure(lambda x: x[index], inputs)
+    last = fn(last, inp)
+    [o.append(l) for o, l in zip(outputs, tf.nest.flatten(last))]
+  if reverse:
+    outputs = [list(reversed(x)) for x in outputs]
+  outputs = [tf.stack(x, 0) for x in outputs]
+  return tf.nest.pack_sequence_as(start, outputs)
+
+
+def lambda_return(reward, value, pcont, bootstrap, lambda_, axis):
+  """R_t = r_t + p_t * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), with R_T bootstrapped.
+
+  lambda=1 gives the discounted Monte-Carlo return, lambda=0 the one-step return.
+  """
+  assert reward.shape.ndims == value.shape.ndims, (reward.shape, value.shape)
+  if isinstance(pcont, (int, float)):
+    pcont = pcont * tf.ones_like(reward)
+  dims = list(range(reward.shape.ndims))
+  dims = [axis] + dims[1:axis] + [0] + dims[axis + 1:]
+  if axis != 0:
+    reward = tf.transpose(reward, dims)
+    value = tf.transpose(value, dims)
+    pcont = tf.transpose(pcont, dims)
+  if bootstrap is None:
+    bootstrap = tf.zeros_like(value[-1])
+  next_values = tf.concat([value[1:], bootstrap[None]], 0)
+  inputs = reward + pcont * next_values * (1 - lambda_)
+  returns = static_scan(
+      lambda agg, cur: cur[0] + cur[1] * lambda_ * agg, (inputs, pcont), bootstrap, reverse=True)
+  if axis != 0:
+    returns = tf.transpose(returns, dims)
+  return returns
+
+
+# Distributions ------------------------------------------------------------------------------------------------------
+
+def sample_normal(mean, std, shared=True):
+  """A sample of Normal(mean, std) over the last axis.
+
+  shared=True is the reference's behaviour (it monkeypatched MultivariateNormalDiag.sample): one standard-normal
+  vector of the event size is drawn and broadcast over all batch elements. shared=False draws per element.
+  """
+  shape = tf.shape(mean)[-1:] if shared else tf.shape(mean)
+  return mean + std * tf.random.normal(shape, dtype=mean.dtype)
+
+
+class TanhBijector(tfp.bijectors.Bijector):
+
+  def __init__(self, validate_args=False, name='tanh'):
+    super().__init__(forward_min_event_ndims=0, validate_args=validate_args, name=name)
+
+  def _forward(self, x):
+    return tf.nn.tanh(x)
+
+  def _inverse(self, y):
+    dtype = y.dtype
+    y = tf.cast(y, tf.float32)
+    # Keep atanh finite at the boundary, in float32 as the reference does.
+    y = tf.where(tf.less_equal(tf.abs(y), 1.0), tf.clip_by_value(y, -0.99999997, 0.99999997), y)
+    return tf.cast(tf.atanh(y), dtype)
+
+  def _forward_log_det_jacobian(self, x):
+    log2 = tf.math.log(tf.constant(2.0, dtype=x.dtype))
+    return 2.0 * (log2 - x - tf.nn.softplus(-2.0 * x))
+
+
+class SampleDist:
+  """Monte-Carlo mean, mode and entropy for distributions that have no closed form (the tanh-normal)."""
+
+  def __init__(self, dist, samples=100):
+    self._dist = dist
+    self._samples = samples
+
+  @property
+  def name(self):
+    return 'SampleDist'
+
+  def __getattr__(self, name):
+    return getattr(self._dist, name)
+
+  def mean(self):
+    return tf.reduce_mean(self._dist.sample(self._samples), 0)
+
+  def mode(self):
+    sample = self._dist.sample(self._samples)
+    logprob = self._dist.log_prob(sample)
+    return tf.gather(sample, tf.argmax(logprob))[0]
+
+  def entropy(self):
+    sample = self._dist.sample(self._samples)
+    return -tf.reduce_mean(self.log_prob(sample), 0)
+
+
+class OneHotDist:
+  """One-hot categorical whose samples carry straight-through gradients of the probabilities."""
+
+  def __init__(self, logits=None, probs=None, dtype=tf.float32):
+    self._dist = tfd.Categorical(logits=logits, probs=probs)
+    self._num_classes = self.mean().shape[-1]
+    self._dtype = dtype
+
+  @property
+  def name(self):
+    return 'OneHotDist'
+
+  def __getattr__(self, name):
+    return getattr(self._dist, name)
+
+  def prob(self, events):
+    return self._dist.prob(tf.argmax(events, axis=-1))
+
+  def log_prob(self, events):
+    return self._dist.log_prob(tf.argmax(events, axis=-1))
+
+  def mean(self):
+    return self._dist.probs_parameter()
+
+  def mode(self):
+    return self._one_hot(self._dist.mode())
+
+  def sample(self, amount=None):
+    amount = [amount] if amount else []
+    sample = self._one_hot(self._dist.sample(*amount))
+    probs = self._dist.probs_parameter()
+    return sample + tf.cast(probs - tf.stop_gradient(probs), self._dtype)
+
+  def _one_hot(self, indices):
+    return tf.one_hot(indices, self._num_classes, dtype=self._dtype)
+
+
+# Optimizer ----------------------------------------------------------------------------------------------------------
+
+class Optimizer:
+  """Adam over the weights of some layers, with the reference's order: unscale, global norm, clip, apply.
+
+  Under float16 the loss is scaled dynamically (LossScaleOptimizer skips non-finite steps). Clipping happens on
+  the unscaled gradients, so the update is the same as without loss scaling. Returns the unscaled global norm.
+  """
+
+  def __init__(self, name, layers, lr, clip=None, wd=0.0, wdpattern=r'.*', loss_scale=False):
+    import keras
+    self._name = name
+    self._layers = layers
+    self._lr = lr
+    self._clip = clip
+    self._wd = wd
+    self._wdpattern = wdpattern
+    self._opt = keras.optimizers.Adam(lr, name=f'{name}_adam')
+    if loss_scale:
+      self._opt = keras.optimizers.LossScaleOptimizer(self._opt, name=f'{name}_scale')
+    self._loss_scale = loss_scale
+    self._variables = None
+
+  @property
+  def variables(self):
+    if self._variables is None:
+      self._variables = [v for layer in self._layers for v in layer.trainable_weights]
+      self._opt.build(self._variables)
+    return self._variables
+
+  def scale(self, loss):
+    return self._opt.scale_loss(loss) if self._loss_scale else loss
+
+  def __call__(self, tape, loss):
+    assert len(loss.shape) == 0, loss.shape
+    variables = self.variables
+    with tape:
+      scaled = self.scale(loss)
+    grads = tape.gradient(scaled, variables)
+    if self._loss_scale:
+      scale = tf.cast(self._opt.dynamic_scale, tf.float32)
+      norm = tf.linalg.global_norm(grads) / scale
+      if self._clip:  # Same as clipping the unscaled gradients, which the wrapper unscales afterwards.
+        grads, _ = tf.clip_by_global_norm(grads, self._clip * scale, norm * scale)
+    else:
+      norm = tf.linalg.global_norm(grads)
+      if self._clip:
+        grads, _ = tf.clip_by_global_norm(grads, self._clip, norm)
+    if self._wd:
+      for var in variables:
+        if re.search(self._wdpattern, f'{self._name}/{var.path}'):
+          var.assign_sub(self._lr * self._wd * var)
+    self._opt.apply(grads, variables)
+    return norm
+
+
+# Episodes on disk ---------------------------------------------------------------------------------------------------
+
+def count_episodes(directory):
+  """(episodes, transitions) stored in a folder, read off the file names (`...-{length}.npz`)."""
+  directory = pathlib.Path(directory)
+  lengths = [int(n.stem.rsplit('-', 1)[-1]) - 1 for n in directory.glob('*.npz')]
+  return len(lengths), sum(lengths)
+
+
+def save_episodes(directory, episodes):
+  """Writes `{timestamp}-{uuid}-{length}.npz` files atomically (temporary name, then rename)."""
+  directory = pathlib.Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  timestamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+  filenames = []
+  for episode in episodes:
+    identifier = str(uuid.uuid4().hex)
+    length = len(episode['reward'])
+    filename = directory / f'{timestamp}-{identifier}-{length}.npz'
+    with io.BytesIO() as f:
+      np.savez_compressed(f, **episode)
+      data = f.getvalue()
+    tmp = filename.with_name(filename.name + '.tmp')
+    with tmp.open('wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    tmp.replace(filename)
+    filenames.append(filename)
+  return filenames
+
+
+def load_episode(filename):
+  with pathlib.Path(filename).open('rb') as f:
+    episode = np.load(f)
+    return {k: episode[k] for k in episode.keys()}
+
+
+def load_episodes(directory, rescan, length=None, balance=False, seed=0):
+  """Endless generator of episodes (or windows of `length` steps) drawn uniformly from the folder.
+
+  The folder is rescanned after every `rescan` draws. Unreadable files are reported once and skipped.
+  """
+  directory = pathlib.Path(directory).expanduser()
+  random = np.random.RandomState(seed)
+  cache, broken = {}, set()
+  while True:
+    for filename in sorted(directory.glob('*.npz')):
+      if filename in cache or filename in broken:
+        continue
+      try:
+        cache[filename] = load_episode(filename)
+      except Exception as e:
+        print(f'Warning: skipping unreadable episode file {filename}: {e}', file=sys.stderr)
+        broken.add(filename)
+    keys = list(cache.keys())
+    if not keys:
+      raise RuntimeError(f'No readable episodes in {directory}.')
+    for index in random.choice(len(keys), rescan):
+      episode = cache[keys[index]]
+      if length:
+        total = len(next(iter(episode.values())))
+        available = total - length
+        if available < 1:
+          continue  # Too short for a window of `length` + 1 steps.
+        if balance:
+          index = min(random.randint(0, total), available)
+        else:
+          index = int(random.randint(0, available))
+        episode = {k: v[index: index + length] for k, v in episode.items()}
+      yield episode
+
+
+# Simulation ---------------------------------------------------------------------------------------------------------
+
+def simulate(agent, envs, steps=0, episodes=0, state=None, on_episode=None):
+  """Steps the envs with the agent until `steps` agent steps of finished episodes or `episodes` episodes are done.
+
+  Returns a state from which the next call resumes. `on_episode(episode)` receives each finished episode.
+  """
+  if state is None:
+    step, episode = 0, 0
+    done = np.ones(len(envs), bool)
+    length = np.zeros(len(envs), np.int32)
+    obs = [None] * len(envs)
+    agent_state = None
+  else:
+    step, episode, done, length, obs, agent_state = state
+  while (steps and step < steps) or (episodes and episode < episodes):
+    if done.any():
+      indices = [index for index, d in enumerate(done) if d]
+      promises = [envs[i].reset(blocking=False) for i in indices]
+      for index, promise in zip(indices, promises):
+        obs[index] = promise()
+    stacked = {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+    action, agent_state = agent(stacked, done, agent_state)
+    action = np.array(action)
+    assert len(action) == len(envs)
+    promises = [e.step(a, blocking=False) for e, a in zip(envs, action)]
+    results = [p() for p in promises]
+    obs, _, done, infos = zip(*results)
+    obs = list(obs)
+    done = np.stack(done)
+    episode += int(done.sum())
+    length += 1
+    step += (done * length).sum()
+    length *= (1 - done)
+    if on_episode:
+      for info in infos:
+        if 'episode' in info:
+          on_episode(info['episode'])
+  return (step - steps, episode - episodes, done, length, obs, agent_state)
+
+
+# Summaries ----------------------------------------------------------------------------------------------------------
+
+def encode_gif(frames, fps):
+  """frames: uint8 [T, H, W, C] -> GIF bytes, encoded in-process (no ffmpeg)."""
+  import imageio.v3 as iio
+  if frames.shape[-1] == 1:
+    frames = frames[..., 0]
+  return iio.imwrite('<bytes>', frames, extension='.gif', duration=1000 / fps, loop=0)
+
+
+def video_summary(name, video, step=None, fps=20):
+  """video: [B, T, H, W, C], uint8 or float in [0, 1]; written as one GIF that tiles the batch side by side."""
+  video = np.asarray(video)
+  if np.issubdtype(video.dtype, np.floating):
+    video = np.clip(255 * video, 0, 255).astype(np.uint8)
+  B, T, H, W, C = video.shape
+  frames = video.transpose((1, 2, 0, 3, 4)).reshape((T, H, B * W, C))
+  summary = tf.compat.v1.Summary()
+  image = tf.compat.v1.Summary.Image(height=H, width=B * W, colorspace=C)
+  image.encoded_image_string = encode_gif(frames, fps)
+  summary.value.add(tag=name + '/gif', image=image)
+  tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step)
+
+
+# Schedules ----------------------------------------------------------------------------------------------------------
+
+class Every:
+
+  def __init__(self, every):
+    self._every = every
+    self._last = None
+
+  def __call__(self, step):
+    if self._last is None:
+      self._last = step
+      return True
+    if step >= self._last + self._every:
+      self._last += self._every
+      return True
+    return False
+
+
+class Once:
+
+  def __init__(self):
+    self._once = True
+
+  def __call__(self):
+    if self._once:
+      self._once = False
+      return True
+    return False
+
+
+# Checkpoint files ---------------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be loaded as asked; the message says why."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+  """Accepts numpy arrays, dtypes and scalars (numpy 1.x and 2.x spellings) and refuses everything else."""
+
+  ALLOWED = {
+      ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+      ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+      ('builtins', 'tuple'), ('builtins', 'list'),
+  }
+
+  def find_class(self, module, name):
+    if (module, name) in self.ALLOWED:
+      return super().find_class(module, name)
+    raise CheckpointError(
+        f"refuses to unpickle '{module}.{name}': a checkpoint holds only numpy arrays")
+
+
+def read_checkpoint(filename):
+  """The list of arrays in a variables.pkl, unpickled safely."""
+  filename = pathlib.Path(filename)
+  if not filename.exists():
+    raise CheckpointError(f'Checkpoint {filename} does not exist.')
+  try:
+    with filename.open('rb') as f:
+      values = _SafeUnpickler(f).load()
+  except CheckpointError as e:
+    raise CheckpointError(f'Checkpoint {filename} {e}.') from None
+  except Exception as e:
+    raise CheckpointError(f'Checkpoint {filename} is unreadable (truncated or not a pickle): '
+                          f'{type(e).__name__}: {e}') from None
+  if not isinstance(values, (list, tuple)):
+    raise CheckpointError(f'Checkpoint {filename} holds a {type(values).__name__}, not a list of arrays.')
+  values = list(values)
+  for index, value in enumerate(values):
+    if not isinstance(value, (np.ndarray, np.generic)):
+      raise CheckpointError(f'Checkpoint {filename} entry {index} is a {type(value).__name__}, not an array.')
+  return [np.asarray(v) for v in values]
+
+
+def write_checkpoint(filename, values):
+  """Pickles a tuple of arrays (the reference's format) atomically: a crash leaves the previous file whole."""
+  filename = pathlib.Path(filename)
+  tmp = filename.with_name(filename.name + '.tmp')
+  with tmp.open('wb') as f:
+    pickle.dump(tuple(values), f, protocol=4)
+    f.flush()
+    os.fsync(f.fileno())
+  tmp.replace(filename)
+
+
+def write_json(filename, data):
+  filename = pathlib.Path(filename)
+  tmp = filename.with_name(filename.name + '.tmp')
+  tmp.write_text(json.dumps(data, indent=1, default=str))
+  tmp.replace(filename)

@@ -1,0 +1,424 @@
+"""Environments and their wrappers. This module never imports TensorFlow.
+
+With Mesa's EGL a MuJoCo render crashes in a process that has imported TF, so the agent runs every environment in
+a worker process started as its own program (`python wrappers.py --worker FD`, see `Async`), which imports only this
+module. Each wrapper owns one concern and works with the old-style gym API the reference used:
+`reset() -> obs`, `step(action) -> (obs, reward, done, info)`.
+"""
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+import numpy as np
+from gymnasium import spaces
+
+if 'MUJOCO_GL' not in os.environ:  # Only when the user has not chosen a GL backend.
+  os.environ['MUJOCO_GL'] = 'egl'
+
+SUITES = ('dmc', 'atari')
+
+
+class TaskError(ValueError):
+  """A task name the user gave that does not exist. The message lists what does."""
+
+
+def dmc_domain(domain):
+  return 'ball_in_cup' if domain == 'cup' else domain  # Only domain with multiple words.
+
+
+def check_dmc_task(name):
+  """Raises TaskError naming the valid domains or the domain's tasks."""
+  from dm_control import suite
+  domain, _, task = name.partition('_')
+  domain = dmc_domain(domain)
+  tasks = {}
+  for d, t in suite.ALL_TASKS:
+    tasks.setdefault(d, []).append(t)
+  if domain not in tasks:
+    names = ', '.join(sorted('cup' if d == 'ball_in_cup' else d for d in tasks))
+    raise TaskError(f"Unknown dmc domain '{domain}' in task 'dmc_{name}'. Domains: {names}.")
+  if task not in tasks[domain]:
+    short = 'cup' if domain == 'ball_in_cup' else domain
+    raise TaskError(
+        f"Unknown task '{task}' for dmc domain '{domain}'. Tasks: "
+        + ', '.join(f'dmc_{short}_{t}' for t in sorted(tasks[domain])) + '.')
+
+
+class DeepMindControl:
+
+  def __init__(self, name, size=(64, 64), camera=None, seed=None):
+    from dm_control import suite
+    check_dmc_task(name)
+    domain, task = name.split('_', 1)
+    domain = dmc_domain(domain)
+    self._env = suite.load(domain, task, task_kwargs={'random': seed})
+    self._size = tuple(size)
+    self._camera = dict(quadruped=2).get(domain, 0) if camera is None else camera
+
+  @property
+  def observation_space(self):
+    obs = {k: spaces.Box(-np.inf, np.inf, v.shape, dtype=np.float32)
+           for k, v in self._env.observation_spec().items()}
+    obs['image'] = spaces.Box(0, 255, self._size + (3,), dtype=np.uint8)
+    return spaces.Dict(obs)
+
+  @property
+  def action_space(self):
+    spec = self._env.action_spec()
+    return spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32)
+
+  def step(self, action):
+    time_step = self._env.step(action)
+    obs = dict(time_step.observation)
+    obs['image'] = self.render()
+    reward = time_step.reward or 0
+    done = time_step.last()
+    info = {'discount': np.array(time_step.discount, np.float32)}
+    return obs, reward, done, info
+
+  def reset(self):
+    time_step = self._env.reset()
+    obs = dict(time_step.observation)
+    obs['image'] = self.render()
+    return obs
+
+  def render(self, *args, **kwargs):
+    if kwargs.get('mode', 'rgb_array') != 'rgb_array':
+      raise ValueError("Only render mode 'rgb_array' is supported.")
+    return self._env.physics.render(*self._size, camera_id=self._camera)
+
+  def close(self):
+    self._env.close()
+
+
+class Wrapper:
+  """Forwards everything it does not override to the wrapped env."""
+
+  def __init__(self, env):
+    self._env = env
+
+  def __getattr__(self, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return getattr(self._env, name)
+
+  def step(self, action):
+    return self._env.step(action)
+
+  def reset(self):
+    return self._env.reset()
+
+
+class ActionRepeat(Wrapper):
+
+  def __init__(self, env, amount):
+    super().__init__(env)
+    self._amount = amount
+
+  def step(self, action):
+    done, total_reward, current_step = False, 0, 0
+    while current_step < self._amount and not done:
+      obs, reward, done, info = self._env.step(action)
+      total_reward += reward
+      current_step += 1
+    return obs, total_reward, done, info
+
+
+class NormalizeActions(Wrapper):
+  """The agent acts in [-1, 1] wherever the env's bounds are finite."""
+
+  def __init__(self, env):
+    super().__init__(env)
+    space = env.action_space
+    self._mask = np.logical_and(np.isfinite(space.low), np.isfinite(space.high))
+    self._low = np.where(self._mask, space.low, -1)
+    self._high = np.where(self._mask, space.high, 1)
+
+  @property
+  def action_space(self):
+    low = np.where(self._mask, -np.ones_like(self._low), self._low)
+    high = np.where(self._mask, np.ones_like(self._low), self._high)
+    return spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+
+  def step(self, action):
+    original = (action + 1) / 2 * (self._high - self._low) + self._low
+    original = np.where(self._mask, original, action)
+    return self._env.step(original)
+
+
+class TimeLimit(Wrapper):
+  """Ends the episode after `duration` steps; the cut is not terminal (discount 1 unless the env gave one)."""
+
+  def __init__(self, env, duration):
+    super().__init__(env)
+    self._duration = duration
+    self._step = None
+
+  def step(self, action):
+    if self._step is None:
+      raise RuntimeError('Must reset environment before stepping it.')
+    obs, reward, done, info = self._env.step(action)
+    self._step += 1
+    if self._step >= self._duration:
+      done = True
+      if 'discount' not in info:
+        info['discount'] = np.array(1.0).astype(np.float32)
+      self._step = None
+    return obs, reward, done, info
+
+  def reset(self):
+    self._step = 0
+    return self._env.reset()
+
+
+class Collect(Wrapper):
+  """Records the episode; when it ends, passes it to the callbacks and returns it in `info['episode']`.
+
+  Values are stored in the reference's on-disk dtypes: floats as float16 when precision is 16 (its default).
+  """
+
+  def __init__(self, env, callbacks=None, precision=32):
+    super().__init__(env)
+    self._callbacks = callbacks or ()
+    self._precision = precision
+    self._episode = None
+
+  def step(self, action):
+    obs, reward, done, info = self._env.step(action)
+    obs = {k: self._convert(v) for k, v in obs.items()}
+    transition = obs.copy()
+    transition['action'] = action
+    transition['reward'] = reward
+    transition['discount'] = info.get('discount', np.array(1 - float(done)))
+    self._episode.append(transition)
+    if done:
+      episode = {k: [t[k] for t in self._episode] for k in self._episode[0]}
+      episode = {k: self._convert(v) for k, v in episode.items()}
+      info['episode'] = episode
+      for callback in self._callbacks:
+        callback(episode)
+    return obs, reward, done, info
+
+  def reset(self):
+    obs = self._env.reset()
+    obs = {k: self._convert(v) for k, v in obs.items()}
+    transition = obs.copy()
+    transition['action'] = np.zeros(self._env.action_space.shape)
+    transition['reward'] = 0.0
+    transition['discount'] = 1.0
+    self._episode = [transition]
+    return obs
+
+  def _convert(self, value):
+    value = np.array(value)
+    if np.issubdtype(value.dtype, np.floating):
+      dtype = {16: np.float16, 32: np.float32, 64: np.float64}[self._precision]
+    elif np.issubdtype(value.dtype, np.signedinteger):
+      dtype = {16: np.int16, 32: np.int32, 64: np.int64}[self._precision]
+    elif np.issubdtype(value.dtype, np.uint8):
+      dtype = np.uint8
+    elif np.issubdtype(value.dtype, np.bool_):
+      dtype = np.bool_
+    else:
+      raise NotImplementedError(value.dtype)
+    return value.astype(dtype)
+
+
+class RewardObs(Wrapper):
+
+  @property
+  def observation_space(self):
+    obs = dict(self._env.observation_space.spaces)
+    assert 'reward' not in obs
+    obs['reward'] = spaces.Box(-np.inf, np.inf, (), dtype=np.float32)
+    return spaces.Dict(obs)
+
+  def step(self, action):
+    obs, reward, done, info = self._env.step(action)
+    obs['reward'] = reward
+    return obs, reward, done, info
+
+  def reset(self):
+    obs = self._env.reset()
+    obs['reward'] = 0.0
+    return obs
+
+
+def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, size=(64, 64)):
+  """The reference's wrapper stack for a task name `<suite>_<task>` (runs inside the worker)."""
+  suite, _, name = task.partition('_')
+  if suite == 'dmc':
+    env = DeepMindControl(name, size, seed=seed)
+    env = ActionRepeat(env, action_repeat)
+    env = NormalizeActions(env)
+  else:
+    raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "
+                    "(e.g. dmc_walker_walk).")
+  env = TimeLimit(env, time_limit / action_repeat)
+  env = Collect(env, None, precision)
+  env = RewardObs(env)
+  return env
+
+
+# Worker processes ---------------------------------------------------------------------------------------------------
+
+class WorkerError(RuntimeError):
+  """An environment worker crashed, hung, or raised."""
+
+
+class Async:
+  """An environment in its own TF-free process, reached over a socket pair.
+
+  `strategy` keeps the reference's flag: 'process' and 'thread' step all envs concurrently (non-blocking calls that
+  `simulate` collects), 'none' steps one after another. The env itself always lives in a worker process, because
+  rendering next to TF crashes with Mesa GL. Every reply is awaited with a timeout, and a dead worker is reported
+  with the env's name and the call it was serving.
+  """
+
+  def __init__(self, name, kwargs, strategy='process', timeout=120.0):
+    if strategy not in ('none', 'thread', 'process'):
+      raise ValueError(f"Unknown parallel strategy '{strategy}'. Choose none, thread or process.")
+    self._name = name
+    self._strategy = strategy
+    self._timeout = timeout
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    env.pop('TF_CONFIG', None)
+    self._process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--worker', str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+    theirs.close()
+    self._conn = Connection(ours.detach())
+    self._closed = False
+    self._obs_space = None
+    self._action_space = None
+    self._send(('make', kwargs), 'creating the environment')
+    self._receive('creating the environment', max(timeout, 120.0))
+
+  @property
+  def name(self):
+    return self._name
+
+  @property
+  def observation_space(self):
+    if self._obs_space is None:
+      self._obs_space = self.call('__getattr__', 'observation_space')
+    return self._obs_space
+
+  @property
+  def action_space(self):
+    if self._action_space is None:
+      self._action_space = self.call('__getattr__', 'action_space')
+    return self._action_space
+
+  def call(self, name, *args, blocking=True):
+    what = f'{name}()' if name != '__getattr__' else f'reading {args[0]}'
+    self._send(('call', (name, args)), what)
+    promise = lambda: self._receive(what, self._timeout)
+    return promise() if blocking else promise
+
+  def step(self, action, blocking=None):
+    return self.call('step', action, blocking=self._blocking(blocking))
+
+  def reset(self, blocking=None):
+    return self.call('reset', blocking=self._blocking(blocking))
+
+  def _blocking(self, blocking):
+    return self._strategy == 'none' if blocking is None else blocking
+
+  def close(self):
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._conn.send(('close', None))
+      self._conn.close()
+    except OSError:
+      pass
+    try:
+      self._process.wait(10)
+    except subprocess.TimeoutExpired:
+      self._process.kill()
+      self._process.wait()
+
+  def _send(self, message, what):
+    try:
+      self._conn.send(message)
+    except OSError as e:
+      raise WorkerError(self._died(what, e)) from None
+
+  def _receive(self, what, timeout):
+    deadline = time.time() + timeout
+    while not self._conn.poll(0.5):
+      if self._process.poll() is not None:
+        raise WorkerError(self._died(what))
+      if time.time() > deadline:
+        self._process.kill()
+        raise WorkerError(
+            f"Environment worker '{self._name}' (pid {self._process.pid}) did not answer within {timeout:.0f} s "
+            f"while {what}; it was killed.")
+    try:
+      kind, payload = self._conn.recv()
+    except (EOFError, OSError) as e:
+      raise WorkerError(self._died(what, e)) from None
+    if kind == 'result':
+      return payload
+    error, message, stack = payload
+    if error == 'TaskError':
+      raise TaskError(message)
+    raise WorkerError(f"Environment worker '{self._name}' raised while {what}:\n{stack}")
+
+  def _died(self, what, error=None):
+    code = self._process.poll()
+    status = f'exit code {code}' if code is not None else str(error)
+    return (f"Environment worker '{self._name}' (pid {self._process.pid}) died while {what} ({status}). "
+            'If it crashed in rendering, check MUJOCO_GL (egl on a headless machine).')
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:
+      pass
+
+
+def _worker(fd):
+  conn = Connection(fd)
+  env = None
+  while True:
+    try:
+      message, payload = conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+      break
+    if message == 'close':
+      break
+    try:
+      if message == 'make':
+        env = make_env(**payload)
+        result = None
+      elif message == 'call':
+        name, args = payload
+        result = getattr(env, args[0]) if name == '__getattr__' else getattr(env, name)(*args)
+      else:
+        raise KeyError(f'Unknown message {message}')
+      conn.send(('result', result))
+    except Exception as e:
+      conn.send(('error', (type(e).__name__, str(e), ''.join(traceback.format_exc()))))
+  if env is not None and hasattr(env, 'close'):
+    try:
+      env.close()
+    except Exception:
+      pass
+  conn.close()
+
+
+if __name__ == '__main__':
+  if len(sys.argv) == 3 and sys.argv[1] == '--worker':
+    _worker(int(sys.argv[2]))
+  else:
+    sys.exit('usage: python wrappers.py --worker FD (started by the agent, not by hand)')
