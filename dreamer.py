@@ -398,10 +398,11 @@ class Dreamer:
           f'Checkpoint {filename} has {len(values)} arrays, this agent has {len(table)}. '
           f'Likely differing flags: {mismatch_hint(len(values), len(table), self._c)}.')
     for index, ((name, var), value) in enumerate(zip(table, values)):
-      if tuple(var.shape) != value.shape or var.dtype.as_numpy_dtype != value.dtype:
+      dtype = np.dtype(tf.as_dtype(var.dtype).as_numpy_dtype)
+      if tuple(var.shape) != value.shape or dtype != value.dtype:
         raise tools.CheckpointError(
             f'Checkpoint {filename} entry {index} ({name}): expected shape {tuple(var.shape)} '
-            f'{var.dtype.name}, found {value.shape} {value.dtype}. Likely differing flags: '
+            f'{dtype}, found {value.shape} {value.dtype}. Likely differing flags: '
             f'{mismatch_hint(len(values), len(table), self._c)}.')
     for (_, var), value in zip(table, values):
       var.assign(value)

@@ -1,0 +1,148 @@
+"""End to end: the real command on a real dmc task with tiny sizes, its files, resuming, and bad input."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tools  # noqa: E402
+
+TINY = ['--task', 'dmc_walker_walk', '--time_limit', '100', '--prefill', '200', '--eval_every', '200',
+        '--train_every', '100', '--log_every', '100', '--batch_size', '4', '--batch_length', '10',
+        '--pretrain', '3', '--train_steps', '1', '--deter_size', '16', '--stoch_size', '4', '--num_units', '16',
+        '--cnn_depth', '2', '--horizon', '3', '--precision', '32']
+
+
+def run(*args, timeout=600):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True, timeout=timeout)
+  return result
+
+
+def read_metrics(logdir):
+  return [json.loads(line) for line in (logdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def event_tags(logdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  tags = set()
+  for path in logdir.glob('events.out.tfevents.*'):
+    acc = event_accumulator.EventAccumulator(str(path), size_guidance={'tensors': 0, 'images': 0})
+    acc.Reload()
+    for kind in ('tensors', 'images', 'scalars'):
+      tags.update(acc.Tags().get(kind, []))
+  return tags
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+  logdir = tmp_path_factory.mktemp('run') / 'walker'
+  result = run('--logdir', str(logdir), '--steps', '600', *TINY)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return logdir, result
+
+
+def test_first_run_writes_episodes_in_reference_format(first_run):
+  logdir, _ = first_run
+  files = sorted((logdir / 'episodes').glob('*.npz'))
+  assert files, 'no episodes written'
+  for filename in files:
+    match = re.fullmatch(r'\d{8}T\d{6}-[0-9a-f]{32}-(\d+)\.npz', filename.name)
+    assert match, filename.name
+    episode = tools.load_episode(filename)
+    length = int(match.group(1))
+    assert length == 51  # time_limit 100 / action_repeat 2 transitions + the reset step.
+    assert {'image', 'action', 'reward', 'discount', 'orientations', 'height', 'velocity'} <= set(episode)
+    assert all(len(v) == length for v in episode.values())
+    assert episode['image'].dtype == np.uint8 and episode['image'].shape[1:] == (64, 64, 3)
+    assert np.all(episode['action'][0] == 0) and episode['reward'][0] == 0 and episode['discount'][0] == 1
+    assert np.abs(episode['action']).max() <= 1.0
+  assert not list((logdir / 'episodes').glob('*.tmp'))
+  # 600 env steps were asked for: prefill 200, then two rounds of eval_every 200 collected.
+  assert tools.count_episodes(logdir / 'episodes')[1] * 2 >= 600
+
+
+def test_first_run_metrics_and_summaries(first_run):
+  logdir, result = first_run
+  metrics = read_metrics(logdir)
+  train = [m for m in metrics if 'train/return' in m]
+  test = [m for m in metrics if 'test/return' in m]
+  scalars = [m for m in metrics if 'model_loss' in m]
+  assert train and test and scalars
+  assert set(train[0]) == {'step', 'train/return', 'train/length', 'episodes'}
+  assert set(test[0]) == {'step', 'test/return', 'test/length', 'episodes'}
+  expected = {'step', 'model_grad_norm', 'value_grad_norm', 'actor_grad_norm', 'prior_ent', 'post_ent',
+              'image_loss', 'reward_loss', 'div', 'model_loss', 'value_loss', 'actor_loss', 'action_ent',
+              'expl_amount'}
+  assert expected <= set(scalars[0])
+  for line in scalars:
+    assert all(np.isfinite(v) for v in line.values()), line
+  tags = event_tags(logdir)
+  assert {'agent/model_loss', 'sim/train/return', 'sim/test/return', 'sim/episodes'} <= tags, tags
+  assert 'agent/openl/gif' in tags and 'sim/test/video/gif' in tags, tags
+  assert 'Progress: step' in result.stdout
+  assert 'Training for 3 steps.' in result.stdout  # The pretraining round.
+  config = json.loads((logdir / 'config.json').read_text())
+  assert config['deter_size'] == 16 and config['task'] == 'dmc_walker_walk'
+
+
+def test_first_run_checkpoint(first_run):
+  logdir, _ = first_run
+  values = tools.read_checkpoint(logdir / 'variables.pkl')
+  assert len(values) == 82  # The reference's count for the default (tanh_normal, no pcont) agent.
+  assert values[0].dtype == np.int64 and values[0].shape == ()
+  assert values[0] >= 600
+  assert values[9].shape == (16, 12)  # Actor output: mean and std of 6 action dims.
+  assert not (logdir / 'variables.pkl.tmp').exists()
+
+
+def test_resume_continues_without_prefill_or_pretrain(first_run):
+  logdir, _ = first_run
+  before_episodes = tools.count_episodes(logdir / 'episodes')
+  before_lines = len(read_metrics(logdir))
+  result = run('--logdir', str(logdir), '--steps', '800', *TINY)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  out = result.stdout
+  assert 'Prefill dataset with 0 steps.' in out
+  assert 'Load checkpoint' in out
+  assert 'Training for 3 steps.' not in out  # Loading marks pretraining as done.
+  new_lines = read_metrics(logdir)[before_lines:]
+  steps = [m['step'] for m in new_lines]
+  assert steps and min(steps) >= before_episodes[1] * 2, steps
+  after = tools.count_episodes(logdir / 'episodes')
+  assert after[0] > before_episodes[0]
+  assert tools.read_checkpoint(logdir / 'variables.pkl')[0] >= 800
+
+
+def test_unknown_task_exits_2_with_the_valid_names(tmp_path):
+  result = run('--logdir', str(tmp_path / 'a'), '--task', 'dmc_walker_fly', *TINY[2:], timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'dmc_walker_walk' in result.stderr and 'Traceback' not in result.stderr
+  result = run('--logdir', str(tmp_path / 'b'), '--task', 'gym_pong', timeout=120)
+  assert result.returncode == 2
+  assert 'dmc' in result.stderr and 'atari' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_bad_flag_value_names_the_flag(tmp_path):
+  result = run('--logdir', str(tmp_path), '--steps', '0.5', timeout=120)
+  assert result.returncode == 2 and '--steps' in result.stderr
+  result = run('--logdir', str(tmp_path), '--pcont', 'yes', timeout=120)
+  assert result.returncode == 2 and '--pcont' in result.stderr
+  result = run('--logdir', str(tmp_path), '--parallel', 'gpu', timeout=120)
+  assert result.returncode == 2 and '--parallel' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_unwritable_logdir_fails_before_environments(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a folder')
+  result = run('--logdir', str(blocker / 'run'), *TINY, timeout=120)
+  assert result.returncode == 2
+  assert '--logdir' in result.stderr and 'Traceback' not in result.stderr
+  assert 'Prefill' not in result.stdout
