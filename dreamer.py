@@ -40,6 +40,9 @@ def define_config():
   config.log_images = True
   config.gpu_growth = True
   config.precision = 16
+  config.checkpoint = ''  # A variables.pkl to load instead of the logdir's (e.g. one the reference wrote).
+  config.eval_only = False  # Only evaluate the loaded checkpoint for eval_episodes episodes; writes eval.json.
+  config.eval_episodes = 10
   # Environment.
   config.task = 'dmc_walker_walk'
   config.envs = 1
@@ -92,7 +95,7 @@ CHOICES = dict(
     precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
     dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'))
-POSITIVE = ('steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
+POSITIVE = ('eval_episodes', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
             'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
             'worker_timeout')
 
@@ -164,13 +167,14 @@ METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss', 'div', 'expl_amount', 
 class Dreamer:
 
   def __init__(self, config, datadir, actspace, writer=None, progress=None):
+    """With datadir None the agent has no replay (evaluation, comparisons): its variables are created without data
+    and no train step is made. Otherwise it trains one step on a real batch, as the reference does."""
     self._c = config
     self._actspace = actspace
-    self._actdim = actspace.n if hasattr(actspace, 'n') else actspace.shape[0]
+    self._actdim = int(actspace.n if hasattr(actspace, 'n') else actspace.shape[0])
     self._writer = writer
     self._progress = progress if progress is not None else {}
-    self._datadir = pathlib.Path(datadir)
-    self._step = tf.Variable(count_steps(datadir, config), dtype=tf.int64, trainable=False)
+    self._step = tf.Variable(count_steps(datadir, config) if datadir else 0, dtype=tf.int64, trainable=False)
     self._should_pretrain = tools.Once()
     self._should_train = tools.Every(config.train_every)
     self._should_log = tools.Every(config.log_every)
@@ -181,12 +185,14 @@ class Dreamer:
       names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
     self._metrics = {name: Mean() for name in sorted(names)}
     self._float = keras.mixed_precision.global_policy().compute_dtype
-    self._dataset = iter(load_dataset(datadir, config))
+    self._dataset = iter(load_dataset(datadir, config)) if datadir else None
     self._build_model()
 
   def __call__(self, obs, reset, state=None, training=True):
     step = int(self._step.numpy())
-    if training and self._should_train(step):
+    # As in the reference, the schedule is also checked during evaluation: the very first call of a run
+    # (the first evaluation) does the pretraining round.
+    if self._dataset is not None and self._should_train(step):
       log = self._should_log(step)
       n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
       print(f'Training for {n} steps.')
@@ -344,19 +350,19 @@ class Dreamer:
     Optimizer = functools.partial(
         tools.Optimizer, wd=c.weight_decay, clip=c.grad_clip, wdpattern=c.weight_decay_pattern,
         loss_scale=loss_scale)
-    # Create every variable with a forward pass, then one real train step as the reference does.
-    data = next(self._dataset)
-    self._build_variables(data)
+    self._build_variables()
     self._model_opt = Optimizer('model', model_modules, c.model_lr)
     self._value_opt = Optimizer('value', [self._value], c.value_lr)
     self._actor_opt = Optimizer('actor', [self._actor], c.actor_lr)
     for opt in (self._model_opt, self._value_opt, self._actor_opt):
       opt.variables  # Creates the slots outside tf.function, so the train step is traced once.
-    self.train(data)
+    if self._dataset is not None:
+      self.train(next(self._dataset))  # A real update, as the reference's build step.
 
-  def _build_variables(self, data):
-    embed = self._encode(data)
-    post, _ = self._dynamics.observe(embed[:, :2], data['action'][:, :2])
+  def _build_variables(self):
+    """Creates every layer's variables with a forward pass on zeros."""
+    embed = self._encode({'image': tf.zeros((1, 2, 64, 64, 3))})
+    post, _ = self._dynamics.observe(embed, tf.zeros((1, 2, self._actdim)))
     feat = self._dynamics.get_feat(post)
     for head in [self._decode, self._reward, self._value, self._actor] + ([self._pcont] if self._c.pcont else []):
       head(feat)
@@ -395,18 +401,19 @@ class Dreamer:
     table = self.checkpoint_table()
     if len(values) != len(table):
       raise tools.CheckpointError(
-          f'Checkpoint {filename} has {len(values)} arrays, this agent has {len(table)}. '
-          f'Likely differing flags: {mismatch_hint(len(values), len(table), self._c)}.')
+          f'Checkpoint {filename} has {len(values)} arrays, this agent has {len(table)}; '
+          f'it was written with other flags. Likely differing: {count_hint(len(values) - len(table))}.')
     for index, ((name, var), value) in enumerate(zip(table, values)):
       dtype = np.dtype(tf.as_dtype(var.dtype).as_numpy_dtype)
       if tuple(var.shape) != value.shape or dtype != value.dtype:
         raise tools.CheckpointError(
-            f'Checkpoint {filename} entry {index} ({name}): expected shape {tuple(var.shape)} '
-            f'{dtype}, found {value.shape} {value.dtype}. Likely differing flags: '
-            f'{mismatch_hint(len(values), len(table), self._c)}.')
+            f'Checkpoint {filename} entry {index} ({name}): expected shape {tuple(var.shape)} {dtype}, '
+            f'found {value.shape} {value.dtype}; it was written with other flags. '
+            f'Likely differing: {entry_hint(name)}.')
     for (_, var), value in zip(table, values):
       var.assign(value)
     self._should_pretrain()  # A loaded agent skips the pretraining round.
+    return int(values[0])
 
   # Summaries --------------------------------------------------------------------------------------------------------
 
@@ -463,14 +470,31 @@ class Dreamer:
     print('Progress:', ' | '.join(parts), flush=True)
 
 
-def mismatch_hint(found, expected, config):
-  hints = []
-  if abs(found - expected) == 10 or abs(found - expected) == 8:
-    hints.append('--pcont')
-  if abs(found - expected) in (24, 26):
-    hints.append('--log_scalars')
-  hints += ['--deter_size', '--stoch_size', '--num_units', '--cnn_depth', '--action_dist', '--task']
-  return ', '.join(dict.fromkeys(hints))
+def count_hint(difference):
+  """Flags that change the number of arrays in variables.pkl by `difference` (checkpoint minus agent)."""
+  hints = {10: '--pcont (the checkpoint has a pcont head)', -10: '--pcont (the checkpoint has no pcont head)',
+           24: '--log_scalars (the checkpoint has all metrics)', -24: '--log_scalars (the checkpoint has one metric)',
+           26: '--log_scalars', -26: '--log_scalars', 34: '--pcont and --log_scalars', -34: '--pcont and --log_scalars'}
+  return hints.get(difference, '--pcont, --log_scalars')
+
+
+def entry_hint(name):
+  """Flags that change the shape of the checkpoint entry called `name`."""
+  if name.startswith('_actor/hout'):
+    return '--action_dist or --task (the action space)'
+  if name.startswith('_dynamics/img1/kernel'):
+    return '--stoch_size or --task (the action size)'
+  if name.startswith('_dynamics'):
+    return '--deter_size, --stoch_size'
+  if name.startswith(('_encode', '_decode/h2', '_decode/h3', '_decode/h4', '_decode/h5')):
+    return '--cnn_depth'
+  if name.startswith('_decode'):
+    return '--cnn_depth, --deter_size, --stoch_size'
+  if name.startswith('_metrics'):
+    return '--log_scalars, --pcont'
+  if name == '_step':
+    return 'none (the step counter must be an int64 scalar)'
+  return '--num_units, --deter_size, --stoch_size'
 
 
 # Data ---------------------------------------------------------------------------------------------------------------
@@ -559,6 +583,12 @@ def main(config):
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
   print(f'Logdir {config.logdir}')
   print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
+  checkpoint = pathlib.Path(config.checkpoint).expanduser() if config.checkpoint else None
+  if checkpoint or config.eval_only:
+    checkpoint = checkpoint or config.logdir / 'variables.pkl'
+    tools.read_checkpoint(checkpoint)  # A missing, truncated or unsafe file stops here, before any environment.
+  if config.eval_only:
+    return evaluate(config, checkpoint)
   tools.write_json(config.logdir / 'config.json', dict(config))
 
   datadir = config.logdir / 'episodes'
@@ -587,8 +617,9 @@ def main(config):
     step = count_steps(datadir, config)
     print(f'Simulating agent for {config.steps - step} steps.')
     agent = Dreamer(config, datadir, actspace, writer, progress)
-    checkpoint = config.logdir / 'variables.pkl'
-    if checkpoint.exists():
+    if checkpoint is None and (config.logdir / 'variables.pkl').exists():
+      checkpoint = config.logdir / 'variables.pkl'
+    if checkpoint:
       print(f'Load checkpoint {checkpoint}.')
       agent.load(checkpoint)
       agent._step.assign(count_steps(datadir, config))  # The episodes on disk are the truth.
@@ -601,11 +632,38 @@ def main(config):
       steps = config.eval_every // config.action_repeat
       state = tools.simulate(agent, train_envs, steps, state=state, on_episode=on_train)
       step = count_steps(datadir, config)
-      agent.save(checkpoint)
+      agent.save(config.logdir / 'variables.pkl')
   finally:
     for env in train_envs + test_envs:
       env.close()
     writer.flush()
+
+
+def evaluate(config, checkpoint):
+  """Runs eval_episodes test episodes with the loaded agent (actor mode + eval_noise); stores nothing in a replay.
+  Writes eval.json and the first episode as eval_video.gif in the logdir."""
+  envs = [make_env(config, 'test', i) for i in range(config.envs)]
+  try:
+    agent = Dreamer(config, None, envs[0].action_space)
+    step = agent.load(checkpoint)
+    print(f'Loaded checkpoint {checkpoint} (step {step}); evaluating {config.eval_episodes} episodes.')
+    episodes = []
+    def on_episode(episode):
+      episodes.append(episode)
+      print(f'Eval episode {len(episodes)}: return {float(episode["reward"].astype(np.float64).sum()):.1f}.')
+    tools.simulate(functools.partial(agent, training=False), envs, episodes=config.eval_episodes,
+                   on_episode=on_episode)
+  finally:
+    for env in envs:
+      env.close()
+  episodes = episodes[:config.eval_episodes]
+  returns = [float(ep['reward'].astype(np.float64).sum()) for ep in episodes]
+  result = dict(task=config.task, checkpoint=str(checkpoint), step=step, returns=returns,
+                mean=float(np.mean(returns)), std=float(np.std(returns)))
+  tools.write_json(config.logdir / 'eval.json', result)
+  (config.logdir / 'eval_video.gif').write_bytes(tools.encode_gif(episodes[0]['image'], 20))
+  print(f'Mean return over {len(returns)} episodes: {result["mean"]:.1f} (std {result["std"]:.1f}).')
+  return result
 
 
 def parse_args(argv=None):

@@ -1,0 +1,200 @@
+"""The reference's variables.pkl: same structure, outputs reproduced, safe and atomic files, clear errors."""
+
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import compare  # noqa: E402
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+
+DATA = ROOT / 'tests' / 'data'
+WALKER = DATA / 'reference' / 'walker_default'
+
+
+def reference_dirs():
+  dirs = sorted(p for p in (DATA / 'reference').iterdir() if p.is_dir())
+  extra = os.environ.get('DREAMER_REFERENCE_DIRS', '')
+  dirs += [pathlib.Path(p) for p in extra.split(':') if p]
+  return dirs
+
+
+@pytest.mark.parametrize('directory', reference_dirs(), ids=lambda p: p.name)
+def test_reference_outputs_reproduced(directory):
+  rows = compare.compare(directory, verbose=False)
+  assert rows, 'refs.npz has no out/* arrays'
+  failed = [row for row in rows if not row[-1]]
+  assert not failed, failed
+
+
+def read_order(name):
+  """[(owner, shape, dtype)] from a variables_order table written off the reference agent."""
+  rows = []
+  for line in (DATA / f'variables_order.{name}.txt').read_text().splitlines():
+    if line.startswith('#') or '|' not in line:
+      continue
+    cols = [c.strip() for c in line.split('|')]
+    rows.append((cols[4], tuple(int(x) for x in re.findall(r'\d+', cols[2])), cols[3]))
+  return rows
+
+
+def build(argv, actspace):
+  config = dreamer.parse_args(['--precision', '32', *argv])
+  keras.mixed_precision.set_global_policy('float32')
+  return dreamer.Dreamer(config, None, actspace)
+
+
+CASES = {
+    'default': ([], spaces.Box(-1, 1, (6,))),
+    'pcont': (['--pcont', 'True'], spaces.Box(-1, 1, (6,))),
+    'onehot': (['--action_dist', 'onehot', '--expl', 'epsilon_greedy'], spaces.Discrete(4)),
+}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_written_checkpoint_has_the_reference_structure(name, tmp_path):
+  argv, actspace = CASES[name]
+  agent = build(argv, actspace)
+  agent.save(tmp_path / 'variables.pkl')
+  values = tools.read_checkpoint(tmp_path / 'variables.pkl')
+  expected = read_order(name)
+  assert len(values) == len(expected)
+  for index, (value, (owner, shape, dtype), (port_name, _)) in enumerate(
+      zip(values, expected, agent.checkpoint_table())):
+    assert value.shape == shape and value.dtype == np.dtype(dtype), (index, owner, port_name, value.shape, shape)
+    # The port's name for the entry says the same owner as the reference's table.
+    module = owner.split('/')[0].split('[')[0]
+    assert port_name.startswith(module), (index, owner, port_name)
+  with open(tmp_path / 'variables.pkl', 'rb') as f:
+    assert isinstance(pickle.load(f), tuple)  # The reference's loader maps over a tuple.
+
+
+def test_round_trip_restores_every_weight(tmp_path):
+  first = build([], spaces.Box(-1, 1, (6,)))
+  first.save(tmp_path / 'variables.pkl')
+  second = build(['--seed', '1'], spaces.Box(-1, 1, (6,)))
+  differs = [n for (n, a), (_, b) in zip(first.checkpoint_table(), second.checkpoint_table())
+             if not np.array_equal(a.numpy(), b.numpy())]
+  assert differs  # Fresh initializations differ...
+  second.load(tmp_path / 'variables.pkl')
+  for (name, a), (_, b) in zip(first.checkpoint_table(), second.checkpoint_table()):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)  # ...and loading makes them equal.
+
+
+def test_loading_a_different_config_assigns_nothing(tmp_path):
+  agent = build(['--pcont', 'True'], spaces.Box(-1, 1, (6,)))
+  before = [v.numpy().copy() for _, v in agent.checkpoint_table()]
+  with pytest.raises(tools.CheckpointError, match='--pcont'):
+    agent.load(WALKER / 'variables.pkl')
+  agent = build(['--deter_size', '100'], spaces.Box(-1, 1, (6,)))
+  before = [v.numpy().copy() for _, v in agent.checkpoint_table()]
+  with pytest.raises(tools.CheckpointError, match=r'entry 1 \(_actor/h0/kernel\).*\(130, 400\).*\(230, 400\)'):
+    agent.load(WALKER / 'variables.pkl')
+  for value, (_, var) in zip(before, agent.checkpoint_table()):
+    np.testing.assert_array_equal(value, var.numpy())
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+  agent = build([], spaces.Box(-1, 1, (6,)))
+  path = tmp_path / 'variables.pkl'
+  agent.save(path)
+  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+  def crash(*args, **kwargs):
+    raise OSError('disk full')
+  monkeypatch.setattr(tools.pickle, 'dump', crash)
+  with pytest.raises(OSError):
+    agent.save(path)
+  assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+  tools.read_checkpoint(path)
+
+
+def run(*args, timeout=300):
+  return subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True,
+                        timeout=timeout)
+
+
+class Exploit:
+  def __reduce__(self):
+    return (os.system, (f'touch {self.target}',))
+
+
+def bad_files(tmp_path):
+  truncated = tmp_path / 'truncated.pkl'
+  truncated.write_bytes((WALKER / 'variables.pkl').read_bytes()[:100000])
+  dict_file = tmp_path / 'dict.pkl'
+  dict_file.write_bytes(pickle.dumps({'a': np.zeros(3)}))
+  exploit = tmp_path / 'exploit.pkl'
+  Exploit.target = str(tmp_path / 'pwned')
+  exploit.write_bytes(pickle.dumps((Exploit(),)))
+  return {'missing': (tmp_path / 'nope.pkl', 'does not exist'), 'truncated': (truncated, 'unreadable'),
+          'dict': (dict_file, 'holds a dict'), 'exploit': (exploit, 'refuses')}
+
+
+@pytest.mark.parametrize('kind', ['missing', 'truncated', 'dict', 'exploit'])
+def test_bad_checkpoint_files_exit_2(tmp_path, kind):
+  path, message = bad_files(tmp_path)[kind]
+  result = run('--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / 'pwned').exists()
+  assert not (tmp_path / 'out' / 'eval.json').exists()
+
+
+def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_path):
+  logdir = tmp_path / 'run'
+  logdir.mkdir()
+  existing = logdir / 'variables.pkl'
+  existing.write_bytes((WALKER / 'variables.pkl').read_bytes())
+  digest = hashlib.sha256(existing.read_bytes()).hexdigest()
+  result = run('--logdir', str(logdir), '--eval_only', 'True', '--pcont', 'True', '--time_limit', '20')
+  assert result.returncode == 2 and '--pcont' in result.stderr and 'Traceback' not in result.stderr
+  assert hashlib.sha256(existing.read_bytes()).hexdigest() == digest
+
+
+def test_eval_only_on_the_original_checkpoint(tmp_path):
+  out = tmp_path / 'eval'
+  result = run('--logdir', str(out), '--task', 'dmc_walker_walk', '--checkpoint', str(WALKER / 'variables.pkl'),
+               '--eval_only', 'True', '--eval_episodes', '2', '--time_limit', '100')
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  data = json.loads((out / 'eval.json').read_text())
+  assert set(data) == {'task', 'checkpoint', 'step', 'returns', 'mean', 'std'}
+  assert data['task'] == 'dmc_walker_walk' and len(data['returns']) == 2
+  assert data['step'] == int(tools.read_checkpoint(WALKER / 'variables.pkl')[0])
+  assert np.isclose(data['mean'], np.mean(data['returns'])) and np.isclose(data['std'], np.std(data['returns']))
+  assert all(0 <= r <= 50 for r in data['returns'])  # 50 agent steps, rewards in [0, 1] per env step.
+  assert (out / 'eval_video.gif').read_bytes()[:4] == b'GIF8'
+  assert f'{data["mean"]:.1f}' in result.stdout
+  assert not (out / 'episodes').exists()  # Nothing added to any replay store.
+
+
+def test_compare_command_exit_codes(tmp_path):
+  result = subprocess.run([sys.executable, str(ROOT / 'compare.py'), str(WALKER)], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert 'out/kl_post_prior' in result.stdout
+  # A directory whose reference outputs were altered fails with exit code 1 and names the output.
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  for name in ('variables.pkl', 'config.json'):
+    (broken / name).symlink_to(WALKER / name)
+  refs = dict(np.load(WALKER / 'refs.npz'))
+  refs['out/value_mode'] = refs['out/value_mode'] + 1e-3
+  np.savez(broken / 'refs.npz', **refs)
+  result = subprocess.run([sys.executable, str(ROOT / 'compare.py'), str(broken)], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  assert re.search(r'out/value_mode .*FAIL', result.stdout), result.stdout
