@@ -150,9 +150,13 @@ class SampleDist:
     return tf.reduce_mean(self._dist.sample(self._samples), 0)
 
   def mode(self):
-    sample = self._dist.sample(self._samples)
-    logprob = self._dist.log_prob(sample)
-    return tf.gather(sample, tf.argmax(logprob))[0]
+    """Per batch element, the most likely of the samples. (The reference took, for every element, the index that
+    was best for element 0, which only matters with more than one element, e.g. --envs > 1.)"""
+    sample = self._dist.sample(self._samples)  # [S, *batch, A]
+    logprob = self._dist.log_prob(sample)  # [S, *batch]
+    best = tf.argmax(logprob, 0)  # [*batch]
+    sample = tf.experimental.numpy.moveaxis(sample, 0, -2)  # [*batch, S, A]
+    return tf.gather(sample, best, axis=best.shape.ndims, batch_dims=best.shape.ndims)
 
   def entropy(self):
     sample = self._dist.sample(self._samples)
@@ -223,6 +227,9 @@ class Optimizer:
   def variables(self):
     if self._variables is None:
       self._variables = [v for layer in self._layers for v in layer.trainable_weights]
+      # Names for --weight_decay_pattern, e.g. 'model/encode/h1/kernel'.
+      self._names = {id(v): f'{self._name}/{layer.name}/{v.path}'
+                     for layer in self._layers for v in layer.trainable_weights}
       self._opt.build(self._variables)
     return self._variables
 
@@ -246,7 +253,7 @@ class Optimizer:
         grads, _ = tf.clip_by_global_norm(grads, self._clip, norm)
     if self._wd:
       for var in variables:
-        if re.search(self._wdpattern, f'{self._name}/{var.path}'):
+        if re.search(self._wdpattern, self._names[id(var)]):
           var.assign_sub(self._lr * self._wd * var)
     self._opt.apply(grads, variables)
     return norm

@@ -1,0 +1,495 @@
+"""Shapes, dtypes and behaviour of the networks in models.py, under precision 16 and 32 (fixture `precision`).
+
+Contract checked everywhere: features and embeddings are in the compute dtype of the global policy;
+distribution parameters, samples, log-probs and KLs are float32.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_probability import distributions as tfd
+
+import models
+import tools
+
+B, T, DEPTH, UNITS = 3, 4, 4, 16
+STOCH, DETER, EMBED, ACT = 5, 16, 8, 2
+FEAT = STOCH + DETER
+
+
+@pytest.fixture(autouse=True)
+def seed():
+  """Same weights, inputs and noise on every run."""
+  keras.utils.set_random_seed(0)
+
+
+def compute_dtype(precision):
+  """The compute dtype the fixture installed: float32 for 32, a 16-bit float for 16."""
+  dtype = tf.as_dtype(keras.mixed_precision.global_policy().compute_dtype)
+  assert (dtype == tf.float32) == (precision == 32), (precision, dtype)
+  return dtype
+
+
+def tol(precision):
+  return dict(rtol=1e-5, atol=1e-5) if precision == 32 else dict(rtol=2e-2, atol=2e-2)
+
+
+def random_feat(shape, dtype, seed=0):
+  return tf.cast(np.random.RandomState(seed).normal(size=shape), dtype)
+
+
+def rssm(shared_noise=True):
+  return models.RSSM(STOCH, DETER, UNITS, shared_noise=shared_noise)
+
+
+def random_state(batch, dtype, seed=0):
+  rng = np.random.RandomState(seed)
+  return dict(
+      mean=tf.zeros([batch, STOCH]), std=tf.ones([batch, STOCH]),
+      stoch=tf.constant(rng.normal(size=(batch, STOCH)), tf.float32),
+      deter=tf.cast(np.tanh(rng.normal(size=(batch, DETER))), dtype))
+
+
+def assert_state(state, batch_dims, dtype):
+  assert set(state) == {'mean', 'std', 'stoch', 'deter'}
+  for key in ('mean', 'std', 'stoch'):
+    assert state[key].shape == tuple(batch_dims) + (STOCH,), (key, state[key].shape)
+    assert state[key].dtype == tf.float32, (key, state[key].dtype)
+  assert state['deter'].shape == tuple(batch_dims) + (DETER,)
+  assert state['deter'].dtype == dtype
+  assert np.all(state['std'].numpy() > 0.1)  # softplus(.) + 0.1
+  for value in state.values():
+    assert np.all(np.isfinite(tf.cast(value, tf.float32).numpy()))
+
+
+def noise(state):
+  """The standard-normal noise that produced the sample."""
+  return ((state['stoch'] - state['mean']) / state['std']).numpy()
+
+
+# Activations ---------------------------------------------------------------------------------------------------------
+
+def test_get_act_names_and_unknown():
+  assert models.get_act('elu') is tf.nn.elu
+  assert models.get_act(tf.tanh) is tf.tanh
+  with pytest.raises(ValueError, match='tanhh'):
+    models.get_act('tanhh')
+
+
+# ConvEncoder ---------------------------------------------------------------------------------------------------------
+
+def test_conv_encoder_shapes_and_dtypes(precision):
+  dtype = compute_dtype(precision)
+  encoder = models.ConvEncoder(DEPTH)
+  image = tf.random.uniform([B, T, 64, 64, 3]) - 0.5
+  embed = encoder({'image': image})
+  assert embed.shape == (B, T, 32 * DEPTH)
+  assert embed.dtype == dtype
+  kernels = [encoder.h1.kernel, encoder.h2.kernel, encoder.h3.kernel, encoder.h4.kernel]
+  assert [tuple(k.shape) for k in kernels] == [
+      (4, 4, 3, DEPTH), (4, 4, DEPTH, 2 * DEPTH), (4, 4, 2 * DEPTH, 4 * DEPTH), (4, 4, 4 * DEPTH, 8 * DEPTH)]
+  assert all(k.dtype == 'float32' for k in kernels)  # Variables stay float32 under mixed precision.
+  # Flattening keeps images apart: one image alone gives the same embedding as inside the batch.
+  single = encoder({'image': image[1, 2][None]})
+  assert single.shape == (1, 32 * DEPTH)
+  np.testing.assert_allclose(
+      tf.cast(single[0], tf.float32).numpy(), tf.cast(embed[1, 2], tf.float32).numpy(), **tol(precision))
+
+
+def test_conv_encoder_spatial_sizes_and_relu():
+  encoder = models.ConvEncoder(DEPTH)
+  x = tf.random.uniform([2, 64, 64, 3]) - 0.5
+  sizes = []
+  for layer in (encoder.h1, encoder.h2, encoder.h3, encoder.h4):
+    x = layer(x)
+    sizes.append(tuple(x.shape[1:3]))
+    assert np.all(x.numpy() >= 0)  # cnn_act relu on every layer
+  assert sizes == [(31, 31), (14, 14), (6, 6), (2, 2)]  # VALID, kernel 4, stride 2
+
+
+# ConvDecoder ---------------------------------------------------------------------------------------------------------
+
+def test_conv_decoder_shapes_and_dtypes(precision):
+  dtype = compute_dtype(precision)
+  decoder = models.ConvDecoder(DEPTH)
+  feat = random_feat([B, T, FEAT], dtype)
+  dist = decoder(feat)
+  assert dist.batch_shape == (B, T) and dist.event_shape == (64, 64, 3)
+  mean = dist.mean()
+  assert mean.shape == (B, T, 64, 64, 3) and mean.dtype == tf.float32
+  np.testing.assert_array_equal(dist.mode().numpy(), mean.numpy())
+  image = tf.random.uniform([B, T, 64, 64, 3]) - 0.5
+  logprob = dist.log_prob(image)
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  # Independent(Normal(mean, 1)) over the three image dims, by hand.
+  expected = np.sum(
+      -0.5 * (image.numpy().astype(np.float64) - mean.numpy()) ** 2 - 0.5 * np.log(2 * np.pi), axis=(2, 3, 4))
+  np.testing.assert_allclose(logprob.numpy(), expected, rtol=1e-5)
+
+
+def test_conv_decoder_kernels_and_spatial_sizes(precision):
+  dtype = compute_dtype(precision)
+  d = DEPTH
+  decoder = models.ConvDecoder(d)
+  decoder(random_feat([B, FEAT], dtype))
+  assert tuple(decoder.h1.kernel.shape) == (FEAT, 32 * d)
+  assert tuple(decoder.h2.kernel.shape) == (5, 5, 4 * d, 32 * d)
+  assert tuple(decoder.h3.kernel.shape) == (5, 5, 2 * d, 4 * d)
+  assert tuple(decoder.h4.kernel.shape) == (6, 6, 1 * d, 2 * d)
+  assert tuple(decoder.h5.kernel.shape) == (6, 6, 3, 1 * d)
+  x = decoder.h1(random_feat([B, FEAT], dtype, seed=1))
+  assert np.any(x.numpy() < 0)  # h1 has no activation
+  x = tf.reshape(x, [B, 1, 1, 32 * d])
+  sizes = [1]
+  for layer in (decoder.h2, decoder.h3, decoder.h4):
+    x = layer(x)
+    sizes.append(x.shape[1])
+    assert x.shape[1] == x.shape[2] and x.dtype == dtype
+    assert np.all(tf.cast(x, tf.float32).numpy() >= 0)  # cnn_act relu
+  x = decoder.h5(x)
+  sizes.append(x.shape[1])
+  assert x.shape == (B, 64, 64, 3)
+  assert np.any(tf.cast(x, tf.float32).numpy() < 0)  # the output layer has no activation
+  assert sizes == [1, 5, 13, 30, 64]
+
+
+# RSSM ----------------------------------------------------------------------------------------------------------------
+
+def test_rssm_initial(precision):
+  dtype = compute_dtype(precision)
+  state = rssm().initial(B)
+  for key in ('mean', 'std', 'stoch'):
+    assert state[key].shape == (B, STOCH) and state[key].dtype == tf.float32
+  assert state['deter'].shape == (B, DETER) and state['deter'].dtype == dtype
+  for value in state.values():
+    assert not np.any(tf.cast(value, tf.float32).numpy())
+
+
+def test_rssm_img_step_and_obs_step(precision):
+  dtype = compute_dtype(precision)
+  model = rssm()
+  prev = random_state(B, dtype)
+  action = tf.random.uniform([B, ACT], -1, 1)
+  prior = model.img_step(prev, action)
+  assert_state(prior, (B,), dtype)
+  # The prior's mean/std/deter are deterministic functions of (prev state, action).
+  again = model.img_step(prev, action)
+  for key in ('mean', 'std', 'deter'):
+    np.testing.assert_array_equal(tf.cast(prior[key], tf.float32).numpy(), tf.cast(again[key], tf.float32).numpy())
+  embed = random_feat([B, EMBED], dtype, seed=2)
+  post, prior2 = model.obs_step(prev, action, embed)
+  assert_state(post, (B,), dtype)
+  assert_state(prior2, (B,), dtype)
+  np.testing.assert_array_equal(prior2['mean'].numpy(), prior['mean'].numpy())
+  np.testing.assert_array_equal(
+      tf.cast(post['deter'], tf.float32).numpy(), tf.cast(prior2['deter'], tf.float32).numpy())
+  assert not np.allclose(post['mean'].numpy(), prior2['mean'].numpy())  # the embedding moves the posterior
+
+
+def test_rssm_steps_by_hand(precision):
+  """img_step and obs_step wired as in SPEC 2, recomputed in numpy (float64) from the layers' weights."""
+  dtype = compute_dtype(precision)
+  model = rssm()
+  prev = random_state(B, dtype)
+  action = tf.random.uniform([B, ACT], -1, 1)
+  embed = random_feat([B, EMBED], dtype, seed=2)
+  post, prior = model.obs_step(prev, action, embed)
+  numpy = lambda x: tf.cast(x, tf.float32).numpy().astype(np.float64)
+  dense = lambda layer, x: x @ numpy(layer.kernel) + numpy(layer.bias)
+  close = lambda actual, expected: np.testing.assert_allclose(numpy(actual), expected, **tol(precision))
+  elu = lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  softplus = lambda x: np.log1p(np.exp(x))
+  # Keras GRUCell, reset_after=True, gates ordered z, r, h; bias rows: input, recurrent.
+  cell = model._cell
+  kernel, recurrent, bias = numpy(cell.kernel), numpy(cell.recurrent_kernel), numpy(cell.bias)
+  assert kernel.shape == (UNITS, 3 * DETER) and bias.shape == (2, 3 * DETER)
+  x = elu(dense(model.img1, np.concatenate([numpy(prev['stoch']), numpy(action)], -1)))
+  h = numpy(prev['deter'])
+  xz, xr, xh = np.split(x @ kernel + bias[0], 3, -1)
+  hz, hr, hh = np.split(h @ recurrent + bias[1], 3, -1)
+  z, r = sigmoid(xz + hz), sigmoid(xr + hr)
+  deter = z * h + (1 - z) * np.tanh(xh + r * hh)
+  close(prior['deter'], deter)
+  mean, std = np.split(dense(model.img3, elu(dense(model.img2, deter))), 2, -1)
+  close(prior['mean'], mean)
+  close(prior['std'], softplus(std) + 0.1)
+  mean, std = np.split(dense(model.obs2, elu(dense(model.obs1, np.concatenate([deter, numpy(embed)], -1)))), 2, -1)
+  close(post['mean'], mean)
+  close(post['std'], softplus(std) + 0.1)
+
+
+def test_rssm_batch_rows_do_not_mix(precision):
+  dtype = compute_dtype(precision)
+  model = rssm()
+  prev = random_state(B, dtype)
+  action = tf.random.uniform([B, ACT], -1, 1)
+  embed = random_feat([B, EMBED], dtype, seed=2)
+  post, prior = model.obs_step(prev, action, embed)
+  row = lambda x: x[1:2]
+  post1, prior1 = model.obs_step({k: row(v) for k, v in prev.items()}, row(action), row(embed))
+  for key in ('mean', 'std', 'deter'):
+    for full, single in ((post, post1), (prior, prior1)):
+      np.testing.assert_allclose(
+          tf.cast(single[key], tf.float32).numpy(), tf.cast(row(full[key]), tf.float32).numpy(), **tol(precision))
+
+
+def test_rssm_observe_matches_stepwise(precision):
+  dtype = compute_dtype(precision)
+  model = rssm()
+  embed = random_feat([B, T, EMBED], dtype, seed=3)
+  action = tf.random.uniform([B, T, ACT], -1, 1)
+  post, prior = model.observe(embed, action)
+  assert_state(post, (B, T), dtype)
+  assert_state(prior, (B, T), dtype)
+  np.testing.assert_array_equal(
+      tf.cast(post['deter'], tf.float32).numpy(), tf.cast(prior['deter'], tf.float32).numpy())
+  # Batch-major in and out: step t of the scan is obs_step(post at t-1, action[:, t], embed[:, t]).
+  prev = model.initial(B)
+  for t in range(T):
+    step_post, step_prior = model.obs_step(prev, action[:, t], embed[:, t])
+    for key in ('mean', 'std'):
+      np.testing.assert_allclose(step_post[key].numpy(), post[key][:, t].numpy(), **tol(precision))
+      np.testing.assert_allclose(step_prior[key].numpy(), prior[key][:, t].numpy(), **tol(precision))
+    prev = {k: v[:, t] for k, v in post.items()}
+  # An explicit start state is used.
+  start = random_state(B, dtype, seed=4)
+  post2, _ = model.observe(embed, action, start)
+  step_post, _ = model.obs_step(start, action[:, 0], embed[:, 0])
+  np.testing.assert_allclose(step_post['mean'].numpy(), post2['mean'][:, 0].numpy(), **tol(precision))
+
+
+def test_rssm_imagine_matches_stepwise(precision):
+  dtype = compute_dtype(precision)
+  model = rssm()
+  action = tf.random.uniform([B, T, ACT], -1, 1)
+  prior = model.imagine(action)
+  assert_state(prior, (B, T), dtype)
+  start = random_state(B, dtype, seed=5)
+  prior = model.imagine(action, start)
+  assert_state(prior, (B, T), dtype)
+  prev = start  # The start itself is not part of the output.
+  for t in range(T):
+    step = model.img_step(prev, action[:, t])
+    for key in ('mean', 'std', 'deter'):
+      np.testing.assert_allclose(
+          tf.cast(step[key], tf.float32).numpy(), tf.cast(prior[key][:, t], tf.float32).numpy(), **tol(precision))
+    prev = {k: v[:, t] for k, v in prior.items()}
+
+
+def test_rssm_get_feat_and_get_dist(precision):
+  dtype = compute_dtype(precision)
+  model = rssm()
+  post, prior = model.observe(random_feat([B, T, EMBED], dtype), tf.random.uniform([B, T, ACT], -1, 1))
+  feat = model.get_feat(post)
+  assert feat.shape == (B, T, FEAT) and feat.dtype == dtype
+  np.testing.assert_array_equal(
+      tf.cast(feat[..., :STOCH], tf.float32).numpy(), tf.cast(tf.cast(post['stoch'], dtype), tf.float32).numpy())
+  np.testing.assert_array_equal(feat[..., STOCH:].numpy(), post['deter'].numpy())
+  post_dist, prior_dist = model.get_dist(post), model.get_dist(prior)
+  assert post_dist.batch_shape == (B, T) and post_dist.event_shape == (STOCH,)
+  logprob = post_dist.log_prob(post['stoch'])
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  kl = tfd.kl_divergence(post_dist, prior_dist)
+  assert kl.shape == (B, T) and kl.dtype == tf.float32
+  # KL of diagonal Gaussians, by hand.
+  pm, ps, qm, qs = (x.numpy().astype(np.float64) for x in (post['mean'], post['std'], prior['mean'], prior['std']))
+  expected = np.sum(np.log(qs / ps) + (ps ** 2 + (pm - qm) ** 2) / (2 * qs ** 2) - 0.5, -1)
+  np.testing.assert_allclose(kl.numpy(), expected, rtol=1e-4, atol=1e-5)
+  entropy = prior_dist.entropy()
+  assert entropy.shape == (B, T) and entropy.dtype == tf.float32
+
+
+def test_rssm_shared_noise_is_one_vector_per_step(precision):
+  dtype = compute_dtype(precision)
+  model = rssm(shared_noise=True)
+  prior = model.img_step(random_state(8, dtype), tf.random.uniform([8, ACT], -1, 1))
+  eps = noise(prior)
+  assert not np.allclose(prior['mean'].numpy()[0], prior['mean'].numpy()[1])  # rows really differ
+  np.testing.assert_allclose(eps, np.broadcast_to(eps[0], eps.shape), atol=1e-4)
+  post, _ = model.observe(random_feat([B, T, EMBED], dtype), tf.random.uniform([B, T, ACT], -1, 1))
+  eps = noise(post)  # [B, T, STOCH]
+  np.testing.assert_allclose(eps, np.broadcast_to(eps[:1], eps.shape), atol=1e-4)
+  assert np.abs(eps[0, 0] - eps[0, 1]).max() > 1e-2  # fresh noise at every step
+
+
+def test_rssm_independent_noise_per_row(precision):
+  dtype = compute_dtype(precision)
+  tf.random.set_seed(0)
+  model = rssm(shared_noise=False)
+  prior = model.img_step(random_state(256, dtype), tf.random.uniform([256, ACT], -1, 1))
+  eps = noise(prior)
+  assert np.abs(eps[0] - eps[1]).max() > 1e-2
+  assert len(np.unique(eps.round(3), axis=0)) == 256
+  # Standard normal: 1280 draws, loose bounds.
+  assert abs(eps.mean()) < 0.15 and 0.85 < eps.std() < 1.15, (eps.mean(), eps.std())
+
+
+# DenseDecoder --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(), (2,)])
+def test_dense_decoder_normal(precision, shape):
+  dtype = compute_dtype(precision)
+  decoder = models.DenseDecoder(shape, 3, UNITS)
+  dist = decoder(random_feat([B, T, FEAT], dtype))
+  assert len(decoder.dense_layers) == 4
+  assert tuple(decoder.dense_layers[0].kernel.shape) == (FEAT, UNITS)
+  assert tuple(decoder.hout.kernel.shape) == (UNITS, int(np.prod(shape)))
+  assert dist.batch_shape == (B, T) and dist.event_shape == shape
+  mode = dist.mode()
+  assert mode.shape == (B, T) + shape and mode.dtype == tf.float32
+  np.testing.assert_array_equal(dist.mean().numpy(), mode.numpy())
+  target = np.random.RandomState(1).normal(size=(B, T) + shape).astype(np.float32)
+  logprob = dist.log_prob(target)
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  expected = -0.5 * (target - mode.numpy()) ** 2 - 0.5 * np.log(2 * np.pi)
+  expected = expected.reshape((B, T, -1)).sum(-1)
+  np.testing.assert_allclose(logprob.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_decoder_binary(precision):
+  dtype = compute_dtype(precision)
+  decoder = models.DenseDecoder((), 3, UNITS, 'binary')
+  feat = random_feat([B, T, FEAT], dtype)
+  dist = decoder(feat)
+  assert dist.batch_shape == (B, T) and dist.event_shape == ()
+  x = feat
+  for layer in decoder.dense_layers:
+    x = layer(x)
+  logits = tf.cast(x[..., 0], tf.float32).numpy().astype(np.float64)
+  mean = dist.mean()
+  assert mean.shape == (B, T) and mean.dtype == tf.float32
+  np.testing.assert_allclose(mean.numpy(), 1 / (1 + np.exp(-logits)), rtol=1e-5)
+  # Soft targets like discount * pcont, as in training: cross-entropy with logits.
+  target = np.full((B, T), 0.99, np.float32)
+  logprob = dist.log_prob(target)
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  expected = -(target * np.log1p(np.exp(-logits)) + (1 - target) * np.log1p(np.exp(logits)))
+  np.testing.assert_allclose(logprob.numpy(), expected, rtol=1e-5, atol=1e-6)
+  sample = dist.sample()
+  assert sample.shape == (B, T) and sample.dtype == tf.float32
+  assert set(np.unique(sample.numpy())) <= {0.0, 1.0}
+
+
+def test_unknown_dists_raise():
+  with pytest.raises(NotImplementedError):
+    models.DenseDecoder((), 2, UNITS, 'categorical')
+  with pytest.raises(NotImplementedError):
+    models.ActionDecoder(ACT, 2, UNITS, 'normal')
+
+
+# ActionDecoder -------------------------------------------------------------------------------------------------------
+
+def test_action_decoder_tanh_normal(precision):
+  dtype = compute_dtype(precision)
+  actor = models.ActionDecoder(ACT, 4, UNITS, 'tanh_normal')
+  feat = random_feat([B, T, FEAT], dtype)
+  dist = actor(feat)
+  assert isinstance(dist, tools.SampleDist)
+  assert len(actor.dense_layers) == 5 and tuple(actor.hout.kernel.shape) == (UNITS, 2 * ACT)
+  assert dist.batch_shape == (B, T) and dist.event_shape == (ACT,)
+  # The Normal under the tanh: mean = 5 tanh(raw / 5), std = softplus(raw + log(e^5 - 1)) + 1e-4.
+  x = feat
+  for layer in actor.dense_layers:
+    x = layer(x)
+  raw = tf.cast(x, tf.float32).numpy().astype(np.float64)
+  normal = dist.distribution.distribution
+  assert normal.loc.dtype == tf.float32 and normal.scale.dtype == tf.float32
+  np.testing.assert_allclose(normal.loc.numpy(), 5 * np.tanh(raw[..., :ACT] / 5), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      normal.scale.numpy(), np.log1p(np.exp(raw[..., ACT:] + np.log(np.exp(5.0) - 1))) + 1e-4, rtol=1e-5)
+  sample = dist.sample()
+  assert sample.shape == (B, T, ACT) and sample.dtype == tf.float32
+  assert np.all(np.abs(sample.numpy()) <= 1)
+  # log-prob of tanh(Normal), by hand: log N(atanh(y)) - log(1 - y^2), summed over the action dims.
+  y = np.random.RandomState(2).uniform(-0.95, 0.95, size=(B, T, ACT))
+  logprob = dist.log_prob(y.astype(np.float32))
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  u, loc, scale = np.arctanh(y), normal.loc.numpy(), normal.scale.numpy()
+  expected = -0.5 * ((u - loc) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi) - np.log(1 - y ** 2)
+  np.testing.assert_allclose(logprob.numpy(), expected.sum(-1), rtol=1e-4, atol=1e-4)
+  # Actions on the boundary have a finite log-prob thanks to the clipped inverse.
+  assert np.all(np.isfinite(dist.log_prob(tf.ones([B, T, ACT])).numpy()))
+
+
+def test_sample_dist_mean_mode_entropy_shapes(precision):
+  dtype = compute_dtype(precision)
+  actor = models.ActionDecoder(ACT, 2, UNITS, 'tanh_normal')
+  for batch in [(B,), (B, T)]:
+    dist = actor(random_feat(batch + (FEAT,), dtype))
+    mean, entropy = dist.mean(), dist.entropy()
+    assert mean.shape == batch + (ACT,) and mean.dtype == tf.float32
+    assert np.all(np.abs(mean.numpy()) <= 1)
+    assert entropy.shape == batch and entropy.dtype == tf.float32
+    assert np.all(np.isfinite(entropy.numpy()))
+  # The policy calls mode() on [B, F] features.
+  mode = actor(random_feat([B, FEAT], dtype)).mode()
+  assert mode.shape == (B, ACT) and mode.dtype == tf.float32
+  assert np.all(np.abs(mode.numpy()) <= 1)
+
+
+def test_sample_dist_mode_with_two_batch_dims_has_batch_shape():
+  """SOURCE BUG (also in the reference): tf.gather(sample, argmax(logprob))[0] indexes sample's first axis with a
+  [B, T] index tensor, so for features [B, T, F] mode() returns [T, B, T, A] instead of [B, T, A]."""
+  actor = models.ActionDecoder(ACT, 2, UNITS, 'tanh_normal')
+  mode = actor(random_feat([B, T, FEAT], tf.float32)).mode()
+  assert mode.shape == (B, T, ACT)
+
+
+def test_sample_dist_mode_is_most_likely_sample_per_row():
+  """SOURCE BUG (also in the reference): mode() takes, for EVERY batch row, the sample index that is best for row 0
+  (`tf.gather(sample, argmax)[0]`), so rows other than 0 get an arbitrary sample instead of their own highest-log-prob
+  sample out of 100. SPEC: 'mode = the sample of highest log-prob'."""
+  tf.random.set_seed(1)
+  rows = 8
+  loc = tf.constant(np.linspace(-1.0, 1.0, rows)[:, None] * np.ones((1, ACT)), tf.float32)
+  inner = tfd.Independent(tfd.TransformedDistribution(tfd.Normal(loc, 0.5), tools.TanhBijector()), 1)
+  mode = tools.SampleDist(inner).mode()
+  assert mode.shape == (rows, ACT)
+  # The best of 100 draws beats the 90th percentile of fresh draws unless p = 0.9^100 ~ 3e-5 (per row).
+  threshold = np.percentile(inner.log_prob(inner.sample(2000)).numpy(), 90, axis=0)
+  assert np.all(inner.log_prob(mode).numpy() >= threshold), (inner.log_prob(mode).numpy(), threshold)
+
+
+def test_action_decoder_onehot(precision):
+  dtype = compute_dtype(precision)
+  actions = 5
+  actor = models.ActionDecoder(actions, 2, UNITS, 'onehot')
+  feat = random_feat([B, T, FEAT], dtype)
+  dist = actor(feat)
+  assert isinstance(dist, tools.OneHotDist)
+  assert tuple(actor.hout.kernel.shape) == (UNITS, actions)
+  sample = dist.sample()
+  assert sample.shape == (B, T, actions) and sample.dtype == tf.float32
+  values = sample.numpy()
+  assert set(np.unique(values)) <= {0.0, 1.0}
+  np.testing.assert_array_equal(values.sum(-1), np.ones((B, T)))
+  assert dist.sample(7).shape == (7, B, T, actions)
+  probs = dist.mean()
+  assert probs.shape == (B, T, actions) and probs.dtype == tf.float32
+  np.testing.assert_allclose(probs.numpy().sum(-1), 1, rtol=1e-5)
+  mode = dist.mode()
+  np.testing.assert_array_equal(mode.numpy().argmax(-1), probs.numpy().argmax(-1))
+  np.testing.assert_array_equal(mode.numpy().sum(-1), np.ones((B, T)))
+  logprob = dist.log_prob(sample)
+  assert logprob.shape == (B, T) and logprob.dtype == tf.float32
+  expected = np.log(np.take_along_axis(probs.numpy(), values.argmax(-1)[..., None], -1))[..., 0]
+  np.testing.assert_allclose(logprob.numpy(), expected, rtol=1e-4, atol=1e-5)
+  entropy = dist.entropy()
+  assert entropy.shape == (B, T) and entropy.dtype == tf.float32
+
+
+def test_onehot_sample_has_straight_through_gradient():
+  logits = tf.Variable(np.random.RandomState(0).normal(size=(B, 4)).astype(np.float32))
+  weights = tf.constant(np.arange(4, dtype=np.float32))
+  with tf.GradientTape() as tape:
+    sample = tools.OneHotDist(logits).sample()
+    loss = tf.reduce_sum(sample * weights)
+  grad = tape.gradient(loss, logits)
+  assert grad is not None
+  assert np.abs(grad.numpy()).min(axis=-1).max() > 0 and np.all(np.abs(grad.numpy()).sum(-1) > 1e-3)
+  # The gradient is that of sum(probs * w): d/dl_j = p_j (w_j - sum_k p_k w_k).
+  p = tf.nn.softmax(logits).numpy()
+  expected = p * (weights.numpy() - (p * weights.numpy()).sum(-1, keepdims=True))
+  np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-5, atol=1e-6)

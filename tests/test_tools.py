@@ -1,0 +1,458 @@
+"""Behaviour of the helpers in tools.py: returns and scans, the tanh bijector, flag parsing, episode files,
+checkpoint files, schedules and GIF encoding."""
+
+import argparse
+import os
+import pathlib
+import pickle
+import re
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tools
+
+REFERENCE = pathlib.Path('/work/shared/reference/checkpoints/walker_default')
+EPISODE_NAME = re.compile(r'^\d{8}T\d{6}-[0-9a-f]{32}-(\d+)\.npz$')
+
+
+# lambda_return -------------------------------------------------------------------------------------------------------
+
+def np_lambda_return(reward, value, pcont, bootstrap, lambda_):
+  """Time-major numpy version with an explicit backward loop:
+  R_t = r_t + p_t ((1 - lambda) v_{t+1} + lambda R_{t+1}), with v_T = R_T = bootstrap."""
+  reward = np.asarray(reward, np.float64)
+  value = np.asarray(value, np.float64)
+  pcont = np.broadcast_to(np.asarray(pcont, np.float64), reward.shape)
+  bootstrap = np.zeros(reward.shape[1:]) if bootstrap is None else np.asarray(bootstrap, np.float64)
+  returns = np.zeros_like(reward)
+  next_return, next_value = bootstrap, bootstrap
+  for t in reversed(range(len(reward))):
+    returns[t] = reward[t] + pcont[t] * ((1 - lambda_) * next_value + lambda_ * next_return)
+    next_return, next_value = returns[t], value[t]
+  return returns
+
+
+def random_inputs(shape, seed=0):
+  rng = np.random.RandomState(seed)
+  reward = rng.normal(size=shape).astype(np.float32)
+  value = rng.normal(size=shape).astype(np.float32)
+  pcont = rng.uniform(0.5, 1.0, size=shape).astype(np.float32)
+  bootstrap = rng.normal(size=shape[1:]).astype(np.float32)
+  return reward, value, pcont, bootstrap
+
+
+def call_lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
+  as_tensor = lambda x: x if x is None or isinstance(x, float) else tf.constant(x)
+  returns = tools.lambda_return(
+      tf.constant(reward), tf.constant(value), as_tensor(pcont), as_tensor(bootstrap), lambda_, axis)
+  assert returns.dtype == tf.float32 and returns.shape == reward.shape, (returns.dtype, returns.shape)
+  return returns.numpy()
+
+
+def test_np_lambda_return_one_step_by_hand():
+  # Checks the helper itself on a two-step case worked out on paper.
+  r, v, p, lam, boot = [1.0, 2.0], [10.0, 20.0], [0.5, 0.25], 0.5, 4.0
+  r1 = 2.0 + 0.25 * 4.0  # last step: r + p * bootstrap
+  r0 = 1.0 + 0.5 * (0.5 * 20.0 + 0.5 * r1)
+  np.testing.assert_allclose(np_lambda_return(r, v, p, boot, lam), [r0, r1])
+
+
+@pytest.mark.parametrize('lambda_', [0.95, 0.5])
+def test_lambda_return_tensor_pcont(lambda_):
+  reward, value, pcont, bootstrap = random_inputs((7, 3))
+  np.testing.assert_allclose(
+      call_lambda_return(reward, value, pcont, bootstrap, lambda_),
+      np_lambda_return(reward, value, pcont, bootstrap, lambda_), rtol=1e-5, atol=1e-5)
+
+
+def test_lambda_return_scalar_pcont():
+  reward, value, _, bootstrap = random_inputs((6, 4), seed=1)
+  np.testing.assert_allclose(
+      call_lambda_return(reward, value, 0.9, bootstrap, 0.95),
+      np_lambda_return(reward, value, 0.9, bootstrap, 0.95), rtol=1e-5, atol=1e-5)
+
+
+def test_lambda_return_without_bootstrap_uses_zero():
+  reward, value, pcont, _ = random_inputs((5, 3), seed=2)
+  returns = call_lambda_return(reward, value, pcont, None, 0.95)
+  np.testing.assert_allclose(returns, np_lambda_return(reward, value, pcont, None, 0.95), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(returns[-1], reward[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(3, 6), (3, 6, 2)])
+def test_lambda_return_axis1(shape):
+  reward, value, pcont, _ = random_inputs(shape, seed=3)
+  bootstrap = np.random.RandomState(4).normal(size=shape[:1] + shape[2:]).astype(np.float32)
+  returns = call_lambda_return(reward, value, pcont, bootstrap, 0.8, axis=1)
+  swap = lambda x: np.swapaxes(x, 0, 1)
+  expected = swap(np_lambda_return(swap(reward), swap(value), swap(pcont), bootstrap, 0.8))
+  np.testing.assert_allclose(returns, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lambda_return_lambda1_is_discounted_monte_carlo():
+  reward, value, pcont, bootstrap = random_inputs((6, 3), seed=5)
+  returns = call_lambda_return(reward, value, pcont, bootstrap, 1.0)
+  # Forward sums, no recursion: sum_k (prod_{t<=j<k} p_j) r_k + (prod_{j>=t} p_j) bootstrap. Values are unused.
+  T = len(reward)
+  expected = np.zeros(reward.shape)
+  for t in range(T):
+    discount = np.ones(reward.shape[1:])
+    for k in range(t, T):
+      expected[t] += discount * reward[k]
+      discount = discount * pcont[k]
+    expected[t] += discount * bootstrap
+  np.testing.assert_allclose(returns, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(call_lambda_return(reward, 100 * value, pcont, bootstrap, 1.0), returns, rtol=1e-5)
+
+
+def test_lambda_return_lambda0_is_one_step():
+  reward, value, pcont, bootstrap = random_inputs((6, 3), seed=6)
+  returns = call_lambda_return(reward, value, pcont, bootstrap, 0.0)
+  next_value = np.concatenate([value[1:], bootstrap[None]], 0)
+  np.testing.assert_allclose(returns, reward + pcont * next_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (REFERENCE / 'refs.npz').exists(), reason='reference outputs not available')
+def test_lambda_return_matches_reference_outputs():
+  # Outputs of the reference's own lambda_return, shipped with the reference checkpoint.
+  refs = np.load(REFERENCE / 'refs.npz')
+  r, v, p, boot = refs['in/lr_reward'], refs['in/lr_value'], refs['in/lr_pcont'], refs['in/lr_bootstrap']
+  lam, discount = float(refs['in/lr_lambda']), float(refs['in/lr_discount'])
+  kw = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(call_lambda_return(r, v, p, boot, lam), refs['out/lambda_return'], **kw)
+  np.testing.assert_allclose(
+      call_lambda_return(r, v, discount, boot, lam), refs['out/lambda_return_scalar_pcont'], **kw)
+  np.testing.assert_allclose(
+      call_lambda_return(r.T.copy(), v.T.copy(), p.T.copy(), boot, lam, axis=1), refs['out/lambda_return_axis1'], **kw)
+  np.testing.assert_allclose(call_lambda_return(r, v, p, None, lam), refs['out/lambda_return_no_bootstrap'], **kw)
+
+
+# static_scan ---------------------------------------------------------------------------------------------------------
+
+def test_static_scan_cumulative_sum_forward_and_reverse():
+  inputs = tf.constant([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])  # [T=4, B=2]
+  start = tf.zeros([2])
+  forward = tools.static_scan(lambda agg, x: agg + x, inputs, start)
+  np.testing.assert_array_equal(forward.numpy(), np.cumsum(inputs.numpy(), 0))
+  backward = tools.static_scan(lambda agg, x: agg + x, inputs, start, reverse=True)
+  np.testing.assert_array_equal(backward.numpy(), np.cumsum(inputs.numpy()[::-1], 0)[::-1])
+  # The start is not included, but it is where the sum begins.
+  np.testing.assert_array_equal(
+      tools.static_scan(lambda agg, x: agg + x, inputs, tf.constant([100.0, 0.0])).numpy()[0], [101.0, 10.0])
+
+
+def test_static_scan_nested_state_and_inputs():
+  x = tf.constant([1.0, 2.0, 3.0])
+  y = tf.constant([2.0, 2.0, 2.0])
+  start = {'sum': tf.constant(0.0), 'prod': tf.constant(1.0)}
+  out = tools.static_scan(lambda s, i: {'sum': s['sum'] + i[0], 'prod': s['prod'] * i[1]}, (x, y), start)
+  assert set(out) == {'sum', 'prod'}
+  np.testing.assert_array_equal(out['sum'].numpy(), [1.0, 3.0, 6.0])
+  np.testing.assert_array_equal(out['prod'].numpy(), [2.0, 4.0, 8.0])
+  out = tools.static_scan(lambda s, i: {'sum': s['sum'] + i[0], 'prod': s['prod'] * i[1]}, (x, y), start, True)
+  np.testing.assert_array_equal(out['sum'].numpy(), [6.0, 5.0, 3.0])
+
+
+# TanhBijector --------------------------------------------------------------------------------------------------------
+
+def test_tanh_bijector_inverse_clips_at_the_boundary():
+  bijector = tools.TanhBijector()
+  y = tf.constant([1.0, -1.0, 0.5], tf.float32)
+  x = bijector.inverse(y).numpy()
+  assert x.dtype == np.float32 and np.all(np.isfinite(x))
+  edge = np.arctanh(np.float64(np.float32(0.99999997)))  # the clip happens in float32
+  np.testing.assert_allclose(x, [edge, -edge, np.arctanh(0.5)], rtol=1e-5)
+  assert 8 < edge < 10
+
+
+def test_tanh_bijector_inverse_of_forward():
+  bijector = tools.TanhBijector()
+  x = np.linspace(-3, 3, 61).astype(np.float32)
+  y = bijector.forward(x)
+  np.testing.assert_allclose(y.numpy(), np.tanh(x), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(bijector.inverse(y).numpy(), x, atol=1e-4)
+
+
+def test_tanh_bijector_log_det_jacobian():
+  bijector = tools.TanhBijector()
+  x = np.linspace(-5, 5, 41)
+  ldj = bijector.forward_log_det_jacobian(tf.constant(x, tf.float32), event_ndims=0).numpy()
+  a = np.abs(x)
+  stable = 2 * (np.log(2) - a - np.log1p(np.exp(-2 * a)))  # = log(1 - tanh(x)^2) without cancellation
+  np.testing.assert_allclose(stable, np.log(1 - np.tanh(x) ** 2), rtol=1e-9)  # same quantity, float64
+  np.testing.assert_allclose(ldj, stable, rtol=1e-5, atol=1e-5)
+  big = bijector.forward_log_det_jacobian(tf.constant([20.0, -20.0]), event_ndims=0).numpy()
+  assert np.all(np.isfinite(big))
+  np.testing.assert_allclose(big, 2 * (np.log(2) - 20.0), rtol=1e-5)
+
+
+# args_type -----------------------------------------------------------------------------------------------------------
+
+def test_args_type_bool_is_strict():
+  parse = tools.args_type(True)
+  assert parse('True') is True and parse('False') is False
+  for text in ('true', 'false', '1', '0', 'yes', ''):
+    with pytest.raises(argparse.ArgumentTypeError):
+      parse(text)
+
+
+def test_args_type_int_accepts_scientific_whole_numbers():
+  parse = tools.args_type(5)
+  value = parse('5e6')
+  assert value == 5000000 and type(value) is int
+  assert parse('7') == 7 and parse('-3') == -3 and parse('1e4') == 10000
+  for text in ('0.5', 'abc', '1.5e0', 'inf', 'nan', ''):
+    with pytest.raises(argparse.ArgumentTypeError):
+      parse(text)
+
+
+def test_args_type_float_path_and_str(tmp_path, monkeypatch):
+  assert tools.args_type(1.0)('1e-3') == 0.001
+  monkeypatch.setenv('HOME', str(tmp_path))
+  path = tools.args_type(pathlib.Path('.'))('~/logdir')
+  assert isinstance(path, pathlib.Path) and path == tmp_path / 'logdir'
+  assert tools.args_type('dmc_walker_walk')('atari_pong') == 'atari_pong'
+
+
+def test_args_type_in_argparse(capsys):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=tools.args_type(5), default=5)
+  parser.add_argument('--pcont', type=tools.args_type(False), default=False)
+  config = parser.parse_args(['--steps', '1e3', '--pcont', 'True'])
+  assert config.steps == 1000 and config.pcont is True
+  with pytest.raises(SystemExit):
+    parser.parse_args(['--steps', '0.5'])
+  assert '0.5' in capsys.readouterr().err
+
+
+# Episodes on disk ----------------------------------------------------------------------------------------------------
+
+def make_episode(length, ident=0, seed=0):
+  """An episode whose rewards read `1000 * ident + step`, so windows can be traced back."""
+  rng = np.random.RandomState(seed)
+  return {
+      'image': rng.randint(0, 256, size=(length, 4, 4, 3)).astype(np.uint8),
+      'action': rng.uniform(-1, 1, size=(length, 2)).astype(np.float32),
+      'reward': (1000 * ident + np.arange(length)).astype(np.float32),
+      'discount': np.ones(length, np.float16),
+  }
+
+
+def test_save_and_count_episodes_round_trip(tmp_path):
+  directory = tmp_path / 'a' / 'episodes'  # created on demand
+  episodes = [make_episode(5, 0, seed=0), make_episode(8, 1, seed=1), make_episode(2, 2, seed=2)]
+  filenames = tools.save_episodes(directory, episodes)
+  assert len(filenames) == 3
+  names = sorted(os.listdir(directory))
+  assert len(names) == 3 and not any(name.endswith('.tmp') for name in names)
+  for filename, episode in zip(filenames, episodes):
+    match = EPISODE_NAME.match(pathlib.Path(filename).name)
+    assert match, filename
+    assert int(match.group(1)) == len(episode['reward'])
+    with np.load(filename) as data:
+      assert set(data.keys()) == set(episode)
+      for key, value in episode.items():
+        assert data[key].dtype == value.dtype and data[key].shape == value.shape
+        np.testing.assert_array_equal(data[key], value)
+    loaded = tools.load_episode(filename)
+    np.testing.assert_array_equal(loaded['image'], episode['image'])
+  assert tools.count_episodes(directory) == (3, 4 + 7 + 1)
+  tools.save_episodes(directory, [make_episode(10, 3)])
+  assert tools.count_episodes(directory) == (4, 4 + 7 + 1 + 9)
+  assert tools.count_episodes(tmp_path / 'empty') == (0, 0)
+
+
+def test_load_episodes_windows(tmp_path):
+  length = 5
+  totals = {0: 3, 1: 5, 2: 6, 3: 20}  # 0 and 1 are too short: a window needs length + 1 steps
+  tools.save_episodes(tmp_path, [make_episode(n, ident) for ident, n in totals.items()])
+  generator = tools.load_episodes(tmp_path, rescan=10, length=length, seed=0)
+  seen = {}
+  for _ in range(200):
+    window = next(generator)
+    assert set(window) == {'image', 'action', 'reward', 'discount'}
+    assert all(len(v) == length for v in window.values())
+    ident, start = divmod(int(window['reward'][0]), 1000)
+    np.testing.assert_array_equal(window['reward'], 1000 * ident + start + np.arange(length))
+    assert ident in (2, 3), ident
+    assert 0 <= start <= totals[ident] - length
+    seen.setdefault(ident, set()).add(start)
+  assert set(seen) == {2, 3}
+  assert len(seen[3]) > 5  # windows start at different places
+
+
+def test_load_episodes_whole_episodes_and_rescan(tmp_path):
+  tools.save_episodes(tmp_path, [make_episode(4, 0)])
+  generator = tools.load_episodes(tmp_path, rescan=3)
+  for _ in range(3):
+    episode = next(generator)
+    assert len(episode['reward']) == 4  # length=None yields whole episodes
+  tools.save_episodes(tmp_path, [make_episode(6, 1)])
+  lengths = {len(next(generator)['reward']) for _ in range(60)}
+  assert lengths == {4, 6}  # the new file is found on the next scan
+
+
+def test_load_episodes_balance_reaches_the_end(tmp_path):
+  length, total = 5, 20
+  tools.save_episodes(tmp_path, [make_episode(total, 0)])
+  generator = tools.load_episodes(tmp_path, rescan=50, length=length, balance=True, seed=1)
+  starts = [int(next(generator)['reward'][0]) for _ in range(400)]
+  assert min(starts) >= 0 and max(starts) == total - length
+  # min(randint(0, total), total - length) puts about length / total of the windows at the end.
+  assert 0.15 < np.mean(np.array(starts) == total - length) < 0.35
+
+
+def test_load_episodes_skips_unreadable_files(tmp_path, capsys):
+  good = tools.save_episodes(tmp_path, [make_episode(10, 1), make_episode(10, 2)])
+  corrupt = tmp_path / f'20200101T000000-{"a" * 32}-10.npz'
+  corrupt.write_bytes(np.random.RandomState(0).bytes(3000))
+  truncated = tmp_path / f'20200101T000000-{"b" * 32}-10.npz'
+  data = tools.save_episodes(tmp_path / 'other', [make_episode(10, 3)])[0].read_bytes()
+  truncated.write_bytes(data[:len(data) // 2])
+  generator = tools.load_episodes(tmp_path, rescan=4, length=4, seed=0)
+  idents = {int(next(generator)['reward'][0]) // 1000 for _ in range(40)}  # ten rescans
+  assert idents == {1, 2}
+  err = capsys.readouterr().err
+  assert str(corrupt) in err and str(truncated) in err
+  assert err.count(str(corrupt)) == 1 and err.count(str(truncated)) == 1  # reported once
+  assert not any(str(name) in err for name in good)
+
+
+def test_load_episodes_without_readable_files_raises(tmp_path):
+  (tmp_path / f'20200101T000000-{"c" * 32}-10.npz').write_bytes(b'not an npz')
+  with pytest.raises(RuntimeError):
+    next(tools.load_episodes(tmp_path, rescan=2))
+
+
+def test_load_episodes_same_seed_same_windows(tmp_path):
+  tools.save_episodes(tmp_path, [make_episode(n, i) for i, n in enumerate([12, 30, 9])])
+  draw = lambda seed: [
+      tuple(w['reward']) for w, _ in zip(tools.load_episodes(tmp_path, rescan=7, length=4, seed=seed), range(50))]
+  assert draw(3) == draw(3)
+  assert draw(3) != draw(4)
+
+
+# Checkpoint files ----------------------------------------------------------------------------------------------------
+
+class _RunsCode:
+
+  def __init__(self, target):
+    self.target = target
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.target}',)
+
+
+def test_checkpoint_round_trip(tmp_path):
+  values = (
+      np.int64(2000), np.arange(6, dtype=np.float32).reshape(2, 3), np.array(3, np.int64),
+      np.random.RandomState(0).normal(size=(4, 5)).astype(np.float16), np.zeros((2, 0), np.float32))
+  path = tmp_path / 'variables.pkl'
+  tools.write_checkpoint(path, values)
+  assert os.listdir(tmp_path) == ['variables.pkl']  # no temporary file left
+  with path.open('rb') as f:
+    assert isinstance(pickle.load(f), tuple)  # the reference's format: a pickled tuple of arrays
+  loaded = tools.read_checkpoint(path)
+  assert len(loaded) == len(values)
+  for got, want in zip(loaded, values):
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want)
+    np.testing.assert_array_equal(got, want)
+  assert loaded[0].dtype == np.int64 and loaded[0].shape == () and loaded[0] == 2000
+  tools.write_checkpoint(path, [np.ones(2)])  # overwrites
+  assert len(tools.read_checkpoint(path)) == 1
+
+
+def test_checkpoint_refuses_code(tmp_path):
+  # Control: the payload does run under a plain pickle.load.
+  control = tmp_path / 'CONTROL'
+  pickle.loads(pickle.dumps(_RunsCode(control)))
+  assert control.exists()
+  target = tmp_path / 'SOMEFILE'
+  path = tmp_path / 'variables.pkl'
+  path.write_bytes(pickle.dumps((np.zeros(3), _RunsCode(target)), protocol=4))
+  with pytest.raises(tools.CheckpointError):
+    tools.read_checkpoint(path)
+  assert not target.exists()
+
+
+@pytest.mark.parametrize('content', [{'a': np.zeros(2)}, [np.zeros(2), 'text'], np.zeros(2)])
+def test_checkpoint_refuses_non_array_lists(tmp_path, content):
+  path = tmp_path / 'variables.pkl'
+  path.write_bytes(pickle.dumps(content, protocol=4))
+  with pytest.raises(tools.CheckpointError):
+    tools.read_checkpoint(path)
+
+
+def test_checkpoint_truncated_or_missing(tmp_path):
+  path = tmp_path / 'variables.pkl'
+  tools.write_checkpoint(path, [np.arange(1000, dtype=np.float32), np.int64(5)])
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(tools.CheckpointError):
+    tools.read_checkpoint(path)
+  path.write_bytes(b'')
+  with pytest.raises(tools.CheckpointError):
+    tools.read_checkpoint(path)
+  with pytest.raises(tools.CheckpointError):
+    tools.read_checkpoint(tmp_path / 'missing.pkl')
+
+
+def test_checkpoint_accepts_numpy1_spelling(tmp_path):
+  # Files written under numpy 1.x refer to numpy.core.multiarray instead of numpy._core.multiarray.
+  values = (np.arange(3, dtype=np.float32), np.int64(7))
+  data = pickle.dumps(values, protocol=3)  # protocol 3: GLOBAL opcodes with newline-terminated names
+  old = data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
+  assert old != data
+  path = tmp_path / 'variables.pkl'
+  path.write_bytes(old)
+  loaded = tools.read_checkpoint(path)
+  np.testing.assert_array_equal(loaded[0], values[0])
+  assert loaded[1] == 7 and loaded[1].dtype == np.int64
+
+
+@pytest.mark.skipif(not (REFERENCE / 'variables.pkl').exists(), reason='reference checkpoint not available')
+def test_read_reference_checkpoint():
+  values = tools.read_checkpoint(REFERENCE / 'variables.pkl')
+  assert len(values) == 82
+  # Shapes and dtypes agree with the reference's variable table.
+  rows = [line.split('|') for line in (REFERENCE.parent / 'variables_order.default.txt').read_text().splitlines()
+          if not line.startswith('#') and line.strip()]
+  assert len(rows) == 82
+  for value, row in zip(values, rows):
+    assert str(value.shape).replace(' ', '') == row[2].strip().replace(' ', ''), row
+    assert str(value.dtype) == row[3].strip(), row
+  assert values[0].shape == () and values[0].dtype == np.int64
+
+
+# Schedules -----------------------------------------------------------------------------------------------------------
+
+def test_every():
+  every = tools.Every(10)
+  assert [every(step) for step in (0, 5, 9, 10, 19, 20, 21)] == [True, False, False, True, False, True, False]
+  every = tools.Every(10)
+  assert every(7)  # the first call fires and sets the phase
+  assert [every(step) for step in (16, 17, 26, 27)] == [False, True, False, True]
+  # After a jump the schedule advances by one period per call until it has caught up (as in the reference).
+  every = tools.Every(10)
+  assert [every(step) for step in (0, 35, 35, 35, 35)] == [True, True, True, True, False]
+
+
+def test_once():
+  once = tools.Once()
+  assert [once() for _ in range(4)] == [True, False, False, False]
+  assert tools.Once()()  # instances are independent
+
+
+# GIFs ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels', [3, 1])
+def test_encode_gif(channels):
+  frames = np.random.RandomState(0).randint(0, 256, size=(5, 16, 12, channels)).astype(np.uint8)
+  data = tools.encode_gif(frames, fps=20)
+  assert isinstance(data, bytes) and data.startswith(b'GIF8')
+  decoded = iio.imread(data, extension='.gif', index=None)
+  assert decoded.shape[:3] == (5, 16, 12)
