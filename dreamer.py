@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -78,6 +79,7 @@ def define_config():
   config.actor_lr = 8e-5
   config.grad_clip = 100.0
   config.dataset_balance = False
+  config.replay_cache_gb = 10.0  # Episodes kept in memory; the rest is read back from disk when drawn.
   # Behavior.
   config.discount = 0.99
   config.disclam = 0.95
@@ -95,9 +97,13 @@ CHOICES = dict(
     precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
     dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'))
-POSITIVE = ('eval_episodes', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
+POSITIVE = ('eval_episodes', 'replay_cache_gb', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
             'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
             'worker_timeout')
+
+
+class NonFiniteError(RuntimeError):
+  """Every train step of a round was non-finite."""
 
 
 class UserError(Exception):
@@ -180,6 +186,7 @@ class Dreamer:
     self._should_log = tools.Every(config.log_every)
     self._last_log = None
     self._last_time = time.time()
+    self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
     names = ['expl_amount']
     if config.log_scalars:
       names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
@@ -196,11 +203,18 @@ class Dreamer:
       log = self._should_log(step)
       n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
       print(f'Training for {n} steps.')
+      skipped = 0
       for train_step in range(n):
         data = next(self._dataset)
         if log and train_step == 0 and self._c.log_images:
           self._log_openl(data)
-        self.train(data)
+        skipped += int(self.train(data)['nonfinite'].numpy())
+      self._nonfinite += skipped
+      if skipped == n:
+        raise NonFiniteError(
+            f'All {n} train steps of this round at step {step} had non-finite losses or gradients and were '
+            'skipped; the run stops. The last checkpoint is untouched. Try a lower learning rate, --precision 32 '
+            'or --grad_clip.')
       if log:
         self._write_summaries()
     action, state = self.policy(obs, reset, state, training)
@@ -264,7 +278,8 @@ class Dreamer:
     metrics = self._train(data)
     if self._c.log_scalars:
       for name, value in metrics.items():
-        self._metrics[name].update_state(value)
+        if name in self._metrics:
+          self._metrics[name].update_state(value)
     return metrics
 
   def _train(self, data):
@@ -309,9 +324,11 @@ class Dreamer:
       target = tf.stop_gradient(returns)
       value_loss = -tf.reduce_mean(discount * value_pred.log_prob(target))
 
-    model_norm = self._model_opt(model_tape, model_loss)
-    actor_norm = self._actor_opt(actor_tape, actor_loss)
-    value_norm = self._value_opt(value_tape, value_loss)
+    model_norm, model_ok = self._model_opt(model_tape, model_loss)
+    actor_norm, actor_ok = self._actor_opt(actor_tape, actor_loss)
+    value_norm, value_ok = self._value_opt(value_tape, value_loss)
+    # 1 when an optimizer skipped its update because of non-finite gradients (not a checkpointed metric).
+    skipped = 1 - tf.cast(model_ok & actor_ok & value_ok, tf.float32)
 
     metrics = dict(
         model_grad_norm=model_norm, value_grad_norm=value_norm, actor_grad_norm=actor_norm,
@@ -319,6 +336,7 @@ class Dreamer:
         value_loss=value_loss, actor_loss=actor_loss, action_ent=self._actor(feat).entropy())
     for name, logprob in likes.items():
       metrics[name + '_loss'] = -logprob
+    metrics['nonfinite'] = skipped
     return metrics
 
   def _imagine_ahead(self, post):
@@ -442,6 +460,8 @@ class Dreamer:
   def _write_summaries(self):
     step = int(self._step.numpy())
     metrics = [(k, v.result()) for k, v in self._metrics.items()]
+    metrics.append(('nonfinite_steps', self._nonfinite))
+    self._nonfinite = 0
     if self._last_log is not None:
       duration = time.time() - self._last_time
       self._last_time += duration
@@ -519,7 +539,8 @@ def count_steps(datadir, config):
 
 def load_dataset(directory, config):
   generator = lambda: tools.load_episodes(
-      directory, config.train_steps, config.batch_length, config.dataset_balance, config.seed)
+      directory, config.train_steps, config.batch_length, config.dataset_balance, config.seed,
+      int(config.replay_cache_gb * 2 ** 30))
   episode = next(tools.load_episodes(directory, 1, config.batch_length, seed=config.seed))
   signature = {k: tf.TensorSpec((None,) + v.shape[1:], v.dtype) for k, v in episode.items()}
   dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
@@ -577,8 +598,13 @@ def setup(config):
   return policy
 
 
+def _terminate(signum, frame):
+  raise KeyboardInterrupt
+
+
 def main(config):
   check_config(config)
+  signal.signal(signal.SIGTERM, _terminate)
   policy = setup(config)
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
   print(f'Logdir {config.logdir}')
@@ -589,6 +615,7 @@ def main(config):
     tools.read_checkpoint(checkpoint)  # A missing, truncated or unsafe file stops here, before any environment.
   if config.eval_only:
     return evaluate(config, checkpoint)
+  check_resume(config)
   tools.write_json(config.logdir / 'config.json', dict(config))
 
   datadir = config.logdir / 'episodes'
@@ -624,19 +651,51 @@ def main(config):
       agent.load(checkpoint)
       agent._step.assign(count_steps(datadir, config))  # The episodes on disk are the truth.
     state = None
-    while step < config.steps:
-      print('Start evaluation.')
-      tools.simulate(functools.partial(agent, training=False), test_envs, episodes=1, on_episode=on_test)
-      writer.flush()
-      print('Start collection.')
-      steps = config.eval_every // config.action_repeat
-      state = tools.simulate(agent, train_envs, steps, state=state, on_episode=on_train)
-      step = count_steps(datadir, config)
+    try:
+      while step < config.steps:
+        print('Start evaluation.')
+        tools.simulate(functools.partial(agent, training=False), test_envs, episodes=1, on_episode=on_test)
+        writer.flush()
+        print('Start collection.')
+        steps = config.eval_every // config.action_repeat
+        state = tools.simulate(agent, train_envs, steps, state=state, on_episode=on_train)
+        step = count_steps(datadir, config)
+        agent.save(config.logdir / 'variables.pkl')
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
       agent.save(config.logdir / 'variables.pkl')
+      raise
   finally:
     for env in train_envs + test_envs:
       env.close()
     writer.flush()
+
+
+# Flags that change the networks' shapes, the meaning of the stored episodes or the step count.
+FIXED_ON_RESUME = ('task', 'action_repeat', 'deter_size', 'stoch_size', 'num_units', 'cnn_depth', 'pcont',
+                   'action_dist', 'log_scalars')
+
+
+def check_resume(config):
+  """Compares the flags with the run's saved config.json: shape-changing differences stop, others are reported."""
+  path = config.logdir / 'config.json'
+  if not path.exists():
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError:
+    print(f'Warning: {path} is unreadable; it will be rewritten.', file=sys.stderr)
+    return
+  ignore = ('logdir', 'checkpoint', 'eval_only', 'eval_episodes')
+  changed = {k: (saved[k], v) for k, v in config.items()
+             if k in saved and k not in ignore and saved[k] != (str(v) if isinstance(v, pathlib.Path) else v)}
+  fixed = {k: change for k, change in changed.items() if k in FIXED_ON_RESUME}
+  if fixed:
+    listing = '; '.join(f'--{k} was {old}, now {new}' for k, (old, new) in fixed.items())
+    raise UserError(f'{config.logdir} holds a run with other settings: {listing}. These cannot change when '
+                    'resuming; use the same values or a new --logdir.')
+  if changed:
+    listing = '; '.join(f'--{k} {old} -> {new}' for k, (old, new) in changed.items())
+    print(f'Resuming with changed flags (applied): {listing}.')
 
 
 def evaluate(config, checkpoint):
@@ -681,6 +740,12 @@ def cli(argv=None):
   except (UserError, wrappers.TaskError, tools.CheckpointError) as e:
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(2)
+  except (NonFiniteError, wrappers.WorkerError) as e:
+    print(f'Error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print('Interrupted; the checkpoint is saved.', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

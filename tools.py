@@ -2,6 +2,7 @@
 summaries and checkpoint files."""
 
 import argparse
+import collections
 import datetime
 import io
 import json
@@ -237,6 +238,10 @@ class Optimizer:
     return self._opt.scale_loss(loss) if self._loss_scale else loss
 
   def __call__(self, tape, loss):
+    """Returns the unscaled global gradient norm and whether the update was applied.
+
+    A step whose gradients are not all finite is skipped (under float16 the loss scaler also lowers its scale).
+    """
     assert len(loss.shape) == 0, loss.shape
     variables = self.variables
     with tape:
@@ -251,12 +256,21 @@ class Optimizer:
       norm = tf.linalg.global_norm(grads)
       if self._clip:
         grads, _ = tf.clip_by_global_norm(grads, self._clip, norm)
-    if self._wd:
-      for var in variables:
-        if re.search(self._wdpattern, self._names[id(var)]):
-          var.assign_sub(self._lr * self._wd * var)
-    self._opt.apply(grads, variables)
-    return norm
+    finite = tf.math.is_finite(norm)
+
+    def update():
+      if self._wd:
+        for var in variables:
+          if re.search(self._wdpattern, self._names[id(var)]):
+            var.assign_sub(self._lr * self._wd * var)
+      if not self._loss_scale:
+        self._opt.apply(grads, variables)
+      return tf.constant(True)
+
+    applied = tf.cond(finite, update, lambda: tf.constant(False))
+    if self._loss_scale:
+      self._opt.apply(grads, variables)  # Applies finite steps, skips the others and adapts the scale.
+    return norm, applied
 
 
 # Episodes on disk ---------------------------------------------------------------------------------------------------
@@ -297,33 +311,50 @@ def load_episode(filename):
     return {k: episode[k] for k in episode.keys()}
 
 
-def load_episodes(directory, rescan, length=None, balance=False, seed=0):
-  """Endless generator of episodes (or windows of `length` steps) drawn uniformly from the folder.
+def episode_length(filename):
+  return int(pathlib.Path(filename).stem.rsplit('-', 1)[-1])
 
-  The folder is rescanned after every `rescan` draws. Unreadable files are reported once and skipped.
+
+def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_bytes=None):
+  """Endless generator of episodes (or windows of `length` steps) drawn uniformly from the episodes on disk.
+
+  The folder is rescanned after every `rescan` draws. Episodes shorter than `length` + 1 are never drawn (the
+  reference skipped them after drawing, which gives the same distribution). Loaded episodes stay in a cache of at
+  most `cache_bytes` (least recently used evicted, read back from disk when drawn again). Unreadable files are
+  reported once and skipped.
   """
   directory = pathlib.Path(directory).expanduser()
   random = np.random.RandomState(seed)
-  cache, broken = {}, set()
+  cache, size, broken = collections.OrderedDict(), 0, set()
   while True:
-    for filename in sorted(directory.glob('*.npz')):
-      if filename in cache or filename in broken:
-        continue
-      try:
-        cache[filename] = load_episode(filename)
-      except Exception as e:
-        print(f'Warning: skipping unreadable episode file {filename}: {e}', file=sys.stderr)
-        broken.add(filename)
-    keys = list(cache.keys())
-    if not keys:
-      raise RuntimeError(f'No readable episodes in {directory}.')
-    for index in random.choice(len(keys), rescan):
-      episode = cache[keys[index]]
+    filenames = [f for f in sorted(directory.glob('*.npz'))
+                 if f not in broken and (not length or episode_length(f) >= length + 1)]
+    if not filenames:
+      raise RuntimeError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
+    for index in random.choice(len(filenames), rescan):
+      filename = filenames[index]
+      if filename in cache:
+        cache.move_to_end(filename)
+        episode = cache[filename]
+      else:
+        if filename in broken:
+          continue
+        try:
+          episode = load_episode(filename)
+        except Exception as e:
+          print(f'Warning: skipping unreadable episode file {filename}: {e}', file=sys.stderr)
+          broken.add(filename)
+          continue
+        cache[filename] = episode
+        size += sum(v.nbytes for v in episode.values())
+        while cache_bytes and size > cache_bytes and len(cache) > 1:
+          _, evicted = cache.popitem(last=False)
+          size -= sum(v.nbytes for v in evicted.values())
       if length:
         total = len(next(iter(episode.values())))
         available = total - length
         if available < 1:
-          continue  # Too short for a window of `length` + 1 steps.
+          continue  # The file name promised more steps than the file holds.
         if balance:
           index = min(random.randint(0, total), available)
         else:

@@ -8,6 +8,7 @@ module. Each wrapper owns one concern and works with the old-style gym API the r
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -97,6 +98,126 @@ class DeepMindControl:
     self._env.close()
 
 
+def atari_games():
+  """The game names ale-py ships ROMs for (task `atari_<game>`)."""
+  from ale_py import roms
+  return sorted(roms.get_all_rom_ids())
+
+
+def check_atari_game(name):
+  """Raises TaskError naming close matches and the available games."""
+  import difflib
+  games = atari_games()
+  if name in games:
+    return
+  close = difflib.get_close_matches(name, games, n=3)
+  hint = f" Did you mean: {', '.join(f'atari_{g}' for g in close)}?" if close else ''
+  raise TaskError(f"Unknown Atari game '{name}' in task 'atari_{name}'.{hint} "
+                  f"Games ({len(games)}): {', '.join(games)}.")
+
+
+class Atari:
+  """An Atari game on `ale_py.ALEInterface` with the reference's preprocessing.
+
+  Sticky actions (repeat probability 0.25) live in ALE; the wrapper repeats each action `action_repeat` frames,
+  returns the element-wise max of the last two frames resized to `size`, starts every episode with 1..noops
+  no-ops, and (with `life_done`) ends the episode on a lost life. Terminals (game over or lost life) carry
+  `info['discount'] = 0`; otherwise info has no discount, so TimeLimit marks its cut with discount 1.
+  """
+
+  def __init__(self, name, action_repeat=4, size=(64, 64), grayscale=False, noops=30, life_done=True,
+               sticky_actions=True, seed=None):
+    import ale_py
+    check_atari_game(name)
+    path = ale_py.roms.get_rom_path(name)
+    if path is None:
+      raise TaskError(f"ale-py has no ROM file for Atari game '{name}'.")
+    if action_repeat < 1 or noops < 0:
+      raise ValueError(f'Need action_repeat >= 1 and noops >= 0, got {action_repeat} and {noops}.')
+    self._random = np.random.RandomState(seed)
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # No banner in every worker.
+    self._ale = ale_py.ALEInterface()
+    self._ale.setInt('random_seed', int(self._random.randint(0, 2 ** 31 - 1)))
+    self._ale.setFloat('repeat_action_probability', 0.25 if sticky_actions else 0.0)
+    self._ale.setInt('frame_skip', 1)  # The wrapper repeats actions itself, to max-pool the last two frames.
+    self._ale.loadROM(str(path))
+    self._noop = ale_py.Action.NOOP
+    self._actions = list(self._ale.getMinimalActionSet())
+    self._action_repeat = action_repeat
+    self._size = tuple(size)
+    self._grayscale = grayscale
+    self._noops = noops
+    self._life_done = life_done
+    self._lives = None
+    self._frames = []  # The last (up to) two raw screens, oldest first.
+    self.last_noops = None  # How many no-ops the last reset took (for inspection).
+
+  @property
+  def observation_space(self):
+    shape = self._size + (1 if self._grayscale else 3,)
+    return spaces.Dict({'image': spaces.Box(0, 255, shape, dtype=np.uint8)})
+
+  @property
+  def action_space(self):
+    return spaces.Discrete(len(self._actions))
+
+  @property
+  def ale(self):
+    return self._ale
+
+  def reset(self):
+    self._ale.reset_game()
+    self._frames = []
+    self._record()
+    noops = self._random.randint(1, self._noops + 1) if self._noops else 0
+    for _ in range(noops):
+      self._ale.act(self._noop)
+      if self._ale.game_over():
+        self._ale.reset_game()
+        self._frames = []
+      self._record()
+    self.last_noops = noops
+    self._lives = self._ale.lives()
+    return self._obs()
+
+  def step(self, action):
+    if self._lives is None:
+      raise RuntimeError('Must reset environment before stepping it.')
+    index = int(action)
+    if not 0 <= index < len(self._actions):
+      raise ValueError(f'Invalid action index {action}; expected 0..{len(self._actions) - 1}.')
+    total_reward, terminal = 0.0, False
+    for _ in range(self._action_repeat):
+      total_reward += self._ale.act(self._actions[index])
+      self._record()
+      lives = self._ale.lives()
+      terminal = self._ale.game_over() or (self._life_done and lives < self._lives)
+      self._lives = lives
+      if terminal:
+        break
+    info = {'discount': np.array(0.0, np.float32)} if terminal else {}
+    return self._obs(), total_reward, terminal, info
+
+  def render(self, *args, **kwargs):
+    if kwargs.get('mode', 'rgb_array') != 'rgb_array':
+      raise ValueError("Only render mode 'rgb_array' is supported.")
+    return self._ale.getScreenRGB()
+
+  def close(self):
+    self._ale = None
+
+  def _record(self):
+    screen = self._ale.getScreenGrayscale() if self._grayscale else self._ale.getScreenRGB()
+    self._frames = self._frames[-1:] + [screen]
+
+  def _obs(self):
+    from PIL import Image
+    image = self._frames[-1] if len(self._frames) == 1 else np.maximum(*self._frames)
+    image = Image.fromarray(image).resize((self._size[1], self._size[0]), Image.BILINEAR)  # PIL takes (w, h).
+    image = np.asarray(image, np.uint8)
+    return {'image': image[:, :, None] if self._grayscale else image}
+
+
 class Wrapper:
   """Forwards everything it does not override to the wrapped env."""
 
@@ -150,6 +271,63 @@ class NormalizeActions(Wrapper):
     original = (action + 1) / 2 * (self._high - self._low) + self._low
     original = np.where(self._mask, original, action)
     return self._env.step(original)
+
+
+class OneHotBox(spaces.Box):
+  """Box(0, 1, (n,)) whose `sample()` draws a one-hot float32 vector from the space's own seeded generator.
+
+  A module-level class (not a patched bound method) so it pickles from the worker to the parent process;
+  `seed()` reseeds it like any gymnasium space.
+  """
+
+  def __init__(self, n, seed=None):
+    super().__init__(0.0, 1.0, (int(n),), dtype=np.float32, seed=seed)
+
+  def sample(self, mask=None, probability=None):
+    if mask is not None or probability is not None:
+      raise NotImplementedError('OneHotBox.sample takes no mask or probability.')
+    action = np.zeros(self.shape, np.float32)
+    action[self.np_random.integers(self.shape[0])] = 1.0
+    return action
+
+  def contains(self, x):
+    x = np.asarray(x)
+    return x.shape == self.shape and bool(np.all((x == 0) | (x == 1))) and int(np.sum(x == 1)) == 1
+
+  def __repr__(self):
+    return f'OneHotBox({self.shape[0]})'
+
+
+class OneHotAction(Wrapper):
+  """The agent acts with one-hot vectors; the wrapped env receives the index."""
+
+  def __init__(self, env, seed=None):
+    super().__init__(env)
+    space = env.action_space
+    if not isinstance(space, spaces.Discrete):
+      raise TypeError(f'OneHotAction needs a Discrete action space, got {space}.')
+    if int(space.start) != 0:
+      raise TypeError(f'OneHotAction needs a Discrete space starting at 0, got start {space.start}.')
+    self._n = int(space.n)
+    self._space = OneHotBox(self._n, seed)
+
+  @property
+  def action_space(self):
+    return self._space
+
+  def step(self, action):
+    array = np.asarray(action)
+    valid = array.shape == (self._n,) and np.issubdtype(array.dtype, np.number)
+    if valid:
+      index = int(np.argmax(array))
+      reference = np.zeros(self._n, np.float32)
+      reference[index] = 1
+      valid = np.allclose(reference, array.astype(np.float32))
+    if not valid:
+      text = np.array2string(array, max_line_width=10 ** 6, precision=4, separator=', ').replace('\n', '')
+      raise ValueError(f'Invalid one-hot action: {text} (shape {array.shape}, dtype {array.dtype}); '
+                       f'expected a one-hot vector of length {self._n}.')
+    return self._env.step(index)
 
 
 class TimeLimit(Wrapper):
@@ -257,6 +435,9 @@ def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, si
     env = DeepMindControl(name, size, seed=seed)
     env = ActionRepeat(env, action_repeat)
     env = NormalizeActions(env)
+  elif suite == 'atari':
+    env = Atari(name, action_repeat, size, grayscale=False, life_done=True, sticky_actions=True, seed=seed)
+    env = OneHotAction(env, seed=seed)
   else:
     raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "
                     "(e.g. dmc_walker_walk).")
@@ -318,19 +499,18 @@ class Async:
     return self._action_space
 
   def call(self, name, *args, blocking=True):
+    if not blocking and self._strategy == 'none':
+      return lambda: self.call(name, *args)  # Sent only when the promise is called: one env after another.
     what = f'{name}()' if name != '__getattr__' else f'reading {args[0]}'
     self._send(('call', (name, args)), what)
     promise = lambda: self._receive(what, self._timeout)
     return promise() if blocking else promise
 
-  def step(self, action, blocking=None):
-    return self.call('step', action, blocking=self._blocking(blocking))
+  def step(self, action, blocking=True):
+    return self.call('step', action, blocking=blocking)
 
-  def reset(self, blocking=None):
-    return self.call('reset', blocking=self._blocking(blocking))
-
-  def _blocking(self, blocking):
-    return self._strategy == 'none' if blocking is None else blocking
+  def reset(self, blocking=True):
+    return self.call('reset', blocking=blocking)
 
   def close(self):
     if self._closed:
@@ -388,6 +568,7 @@ class Async:
 
 
 def _worker(fd):
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle; it closes the workers.
   conn = Connection(fd)
   env = None
   while True:
@@ -406,9 +587,13 @@ def _worker(fd):
         result = getattr(env, args[0]) if name == '__getattr__' else getattr(env, name)(*args)
       else:
         raise KeyError(f'Unknown message {message}')
-      conn.send(('result', result))
+      reply = ('result', result)
     except Exception as e:
-      conn.send(('error', (type(e).__name__, str(e), ''.join(traceback.format_exc()))))
+      reply = ('error', (type(e).__name__, str(e), ''.join(traceback.format_exc())))
+    try:
+      conn.send(reply)
+    except OSError:
+      break  # The agent closed its end (it is shutting down).
   if env is not None and hasattr(env, 'close'):
     try:
       env.close()
@@ -419,6 +604,10 @@ def _worker(fd):
 
 if __name__ == '__main__':
   if len(sys.argv) == 3 and sys.argv[1] == '--worker':
-    _worker(int(sys.argv[2]))
+    # Serve from this file imported under its module name, not from `__main__`: objects of classes defined here
+    # (e.g. OneHotBox, read by the parent as `action_space`) then pickle as `wrappers.<Class>`, which the parent can
+    # load. The script's directory is sys.path[0], so this imports this very file.
+    import wrappers
+    wrappers._worker(int(sys.argv[2]))
   else:
     sys.exit('usage: python wrappers.py --worker FD (started by the agent, not by hand)')

@@ -1,0 +1,160 @@
+"""Crash-safe runs: kill -9 and restart, Ctrl-C/SIGTERM, non-finite steps, bounded replay, changed flags."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+from test_dreamer import TINY  # noqa: E402
+
+
+def fake_episodes(directory, count, length=21, seed=0):
+  rng = np.random.RandomState(seed)
+  for _ in range(count):
+    tools.save_episodes(directory, [dict(
+        image=rng.randint(0, 255, (length, 64, 64, 3), dtype=np.uint8),
+        action=rng.uniform(-1, 1, (length, 6)).astype(np.float32),
+        reward=rng.rand(length).astype(np.float32), discount=np.ones(length, np.float32))])
+
+
+@pytest.fixture
+def agent(tmp_path):
+  fake_episodes(tmp_path / 'episodes', 3)
+  config = dreamer.parse_args([
+      '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
+      '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
+      '--train_steps', '3', '--pretrain', '3', '--train_every', '10'])
+  dreamer.setup(config)
+  yield dreamer.Dreamer(config, tmp_path / 'episodes', spaces.Box(-1, 1, (6,)))
+  keras.mixed_precision.set_global_policy('float32')
+
+
+def nan_batches(agent):
+  data = next(agent._dataset)
+  data = dict(data, action=data['action'] * np.nan)  # Every loss and gradient becomes NaN.
+  return iter(lambda: data, None)
+
+
+def test_nonfinite_step_is_skipped_and_counted(agent):
+  before = [v.numpy().copy() for _, v in agent.checkpoint_table()[1:]]
+  metrics = agent.train(next(nan_batches(agent)))
+  assert float(metrics['nonfinite']) == 1.0
+  for value, (name, var) in zip(before, agent.checkpoint_table()[1:]):
+    if not name.startswith('_metrics'):
+      np.testing.assert_array_equal(value, var.numpy(), err_msg=name)
+  metrics = agent.train(next(agent._dataset))  # A finite batch trains again.
+  assert float(metrics['nonfinite']) == 0.0
+
+
+def test_round_of_only_nonfinite_steps_stops_the_run(agent):
+  agent._dataset = nan_batches(agent)
+  obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
+  with pytest.raises(dreamer.NonFiniteError, match='All 3 train steps'):
+    agent(obs, np.array([True]), None, training=True)
+
+
+def test_replay_cache_is_bounded_and_sampling_stays_uniform(tmp_path, monkeypatch):
+  fake_episodes(tmp_path, 5, length=11)
+  one = sum(v.nbytes for v in tools.load_episode(next(tmp_path.glob('*.npz'))).values())
+  reads = []
+  real_load = tools.load_episode
+  monkeypatch.setattr(tools, 'load_episode', lambda f: reads.append(f) or real_load(f))
+  counts = {}
+  generator = tools.load_episodes(tmp_path, 100, length=10, seed=0, cache_bytes=2 * one)
+  for _ in range(2000):
+    window = next(generator)
+    assert len(window['reward']) == 10
+    key = window['image'][0].tobytes()[:64]
+    counts[key] = counts.get(key, 0) + 1
+  assert len(reads) > 5  # Evicted episodes were read back from disk.
+  reads.clear()
+  generator = tools.load_episodes(tmp_path, 100, length=10, seed=0, cache_bytes=10 * one)
+  for _ in range(2000):
+    next(generator)
+  assert len(reads) == 5  # With room for all, each file is read once.
+  per_episode = {}
+  for filename in tmp_path.glob('*.npz'):
+    episode = real_load(filename)
+    per_episode[filename] = sum(counts.get(episode['image'][i].tobytes()[:64], 0) for i in range(2))
+  assert all(250 < n < 550 for n in per_episode.values()), per_episode  # ~400 each.
+
+
+def test_resume_with_shape_changing_flags_stops(tmp_path):
+  logdir = tmp_path / 'run'
+  logdir.mkdir()
+  saved = dict(dreamer.define_config(), logdir=str(logdir), deter_size=16, num_units=16, batch_size=4)
+  (logdir / 'config.json').write_text(json.dumps(saved, default=str))
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(logdir), '--deter_size', '32',
+       '--num_units', '16', '--batch_size', '8'], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert '--deter_size was 16, now 32' in result.stderr and 'Traceback' not in result.stderr
+  assert '--batch_size' not in result.stderr  # Not a shape-changing flag.
+
+
+def check_logdir(logdir):
+  """Every file a run leaves must load."""
+  for filename in (logdir / 'episodes').glob('*.npz'):
+    episode = tools.load_episode(filename)
+    assert len(episode['reward']) == tools.episode_length(filename)
+  if (logdir / 'variables.pkl').exists():
+    assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
+  for line in (logdir / 'metrics.jsonl').read_text().splitlines() if (logdir / 'metrics.jsonl').exists() else []:
+    json.loads(line)
+  json.loads((logdir / 'config.json').read_text())
+
+
+def start(logdir, steps):
+  return subprocess.Popen(
+      [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(logdir), '--steps', str(steps), *TINY],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_kill_9_at_a_random_point_then_resume(tmp_path, seed):
+  logdir = tmp_path / 'run'
+  delay = np.random.RandomState(seed).uniform(8, 45)
+  process = start(logdir, 600)
+  time.sleep(delay)
+  process.kill()
+  process.wait()
+  check_logdir(logdir)
+  episodes_before = tools.count_episodes(logdir / 'episodes')
+  process = start(logdir, 600)
+  out, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, out[-3000:]
+  check_logdir(logdir)
+  episodes, transitions = tools.count_episodes(logdir / 'episodes')
+  assert episodes >= episodes_before[0] and transitions * 2 >= 600
+  assert int(tools.read_checkpoint(logdir / 'variables.pkl')[0]) == transitions * 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  logdir = tmp_path / 'run'
+  process = start(logdir, 100000)
+  lines = []
+  deadline = time.time() + 300
+  for line in process.stdout:
+    lines.append(line)
+    if 'Start collection.' in line or time.time() > deadline:
+      break
+  assert not (logdir / 'variables.pkl').exists()
+  time.sleep(2)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 130, ''.join(lines) + out
+  assert 'Interrupted; the checkpoint is saved.' in out
+  assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
+  check_logdir(logdir)
