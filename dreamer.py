@@ -119,9 +119,23 @@ def check_config(config):
       raise UserError(f'--{key} must be positive, got {config[key]}.')
   if config.batch_length < 2:
     raise UserError(f'--batch_length must be at least 2, got {config.batch_length}.')
-  if config.task.partition('_')[0] not in wrappers.SUITES:
+  suite = config.task.partition('_')[0]
+  if suite not in wrappers.SUITES:
     raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
                     "(tasks are named <suite>_<task>, e.g. dmc_walker_walk).")
+  discrete = suite == 'atari'
+  if discrete and config.action_dist != 'onehot':
+    raise UserError(f'--action_dist {config.action_dist} does not fit the discrete actions of {config.task}; '
+                    'use --action_dist onehot.')
+  if not discrete and config.action_dist == 'onehot':
+    raise UserError(f'--action_dist onehot does not fit the continuous actions of {config.task}; '
+                    'use --action_dist tanh_normal.')
+  if discrete and config.expl != 'epsilon_greedy':
+    raise UserError(f'--expl {config.expl} gives actions that are not one-hot, which {config.task} needs; '
+                    'use --expl epsilon_greedy.')
+  if not discrete and config.expl == 'epsilon_greedy':
+    raise UserError(f'--expl epsilon_greedy is for discrete actions; {config.task} has continuous ones: '
+                    'use --expl additive_gaussian or completely_random.')
 
 
 # Precision ----------------------------------------------------------------------------------------------------------
@@ -725,11 +739,48 @@ def evaluate(config, checkpoint):
   return result
 
 
+# Settings for discrete control (Atari), applied to atari_* tasks under the flags the user sets. Sources: the
+# paper's code for Atari (google-research/dreamer configs 'dreamer, pcont, discrete, atari' and tasks.py: action
+# repeat 4, 108k-frame episodes, one-hot actions with straight-through gradients, learned discount, horizon 10,
+# KL scale 0.1, tanh-clipped rewards, epsilon-greedy from 0.4 towards 0.1, test epsilon 0.001) and the reference's
+# issues #17, #29, #33 (pcont and onehot are needed for Atari). The linear epsilon schedule of the paper is
+# approximated by the reference's halving schedule: 0.4 halves twice to 0.1 after 2e6 env steps.
+SUITE_DEFAULTS = dict(
+    atari=dict(action_repeat=4, time_limit=108000, pcont=True, kl_scale=0.1, action_dist='onehot', horizon=10,
+               clip_rewards='tanh', expl='epsilon_greedy', expl_amount=0.4, expl_decay=1e6, expl_min=0.1,
+               eval_noise=0.001),
+)
+
+# Named presets (--preset), applied after the suite defaults and before the flags the user sets.
+PRESETS = dict(
+    none=dict(),
+    # Small networks and batches for a 2-core CPU (see docs/cpu_experiment.md).
+    cpu=dict(deter_size=100, stoch_size=20, num_units=200, cnn_depth=16, batch_size=16, batch_length=32,
+             train_steps=50, pretrain=50, horizon=10, prefill=5000),
+    # Tiny everything, for tests and smoke runs.
+    debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
+               train_steps=1, pretrain=3, horizon=3, prefill=200, eval_every=200, train_every=100,
+               log_every=100, time_limit=100),
+)
+
+
 def parse_args(argv=None):
+  """Config = defaults, then the task's suite defaults, then --preset, then the flags given (which always win)."""
   parser = argparse.ArgumentParser(description='Dreamer: learning behaviors by latent imagination.')
-  for key, value in define_config().items():
-    parser.add_argument(f'--{key}', type=tools.args_type(value), default=value, metavar=type(value).__name__.upper())
-  config = tools.AttrDict(vars(parser.parse_args(argv)))
+  defaults = define_config()
+  parser.add_argument('--preset', choices=list(PRESETS), default='none',
+                      help='named settings applied under the flags you give')
+  for key, value in defaults.items():
+    parser.add_argument(f'--{key}', type=tools.args_type(value), default=argparse.SUPPRESS,
+                        metavar=type(value).__name__.upper(), help=f'default: {value}')
+  given = vars(parser.parse_args(argv))
+  preset = given.pop('preset')
+  config = tools.AttrDict(defaults)
+  suite = given.get('task', defaults.task).partition('_')[0]
+  for layer in (SUITE_DEFAULTS.get(suite, {}), PRESETS[preset], given):
+    for key, value in layer.items():
+      config[key] = type(defaults[key])(value) if key in defaults else value
+  config.preset = preset
   return config
 
 

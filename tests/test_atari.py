@@ -332,3 +332,53 @@ def test_async_breakout_life_loss_is_terminal():
 def test_async_unknown_game():
   with pytest.raises(wrappers.TaskError, match="Unknown Atari game 'pongg'.*atari_pong"):
     wrappers.Async('pongg', dict(PONG, task='atari_pongg'))
+
+
+# The agent on Atari: defaults, flag checks and a tiny end-to-end run ------------------------------------------------
+
+def _run_dreamer(*args, timeout=600):
+  import subprocess
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'dreamer.py'), *args], capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_atari_defaults_apply_under_given_flags():
+  import dreamer
+  config = dreamer.parse_args(['--task', 'atari_pong'])
+  assert (config.action_dist, config.expl, config.pcont, config.action_repeat) == ('onehot', 'epsilon_greedy', True, 4)
+  assert config.horizon == 10 and config.kl_scale == 0.1 and config.clip_rewards == 'tanh'
+  config = dreamer.parse_args(['--task', 'atari_pong', '--horizon', '7', '--pcont', 'False'])
+  assert config.horizon == 7 and config.pcont is False  # Flags the user sets win.
+  assert dreamer.parse_args(['--task', 'dmc_walker_walk']).action_dist == 'tanh_normal'
+
+
+@pytest.mark.parametrize('args, flag', [
+    (['--task', 'atari_pong', '--action_dist', 'tanh_normal'], '--action_dist onehot'),
+    (['--task', 'atari_pong', '--expl', 'additive_gaussian'], '--expl epsilon_greedy'),
+    (['--task', 'dmc_walker_walk', '--action_dist', 'onehot'], '--action_dist tanh_normal'),
+])
+def test_impossible_action_settings_stop_before_training(tmp_path, args, flag):
+  result = _run_dreamer('--logdir', str(tmp_path), *args, timeout=120)
+  assert result.returncode == 2 and flag in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / 'episodes').exists()
+
+
+def test_tiny_atari_run_trains_evaluates_and_stores_one_hot_episodes(tmp_path):
+  import json
+  import tools
+  result = _run_dreamer('--logdir', str(tmp_path), '--task', 'atari_pong', '--preset', 'debug', '--steps', '600',
+                        '--prefill', '200', '--eval_every', '200', '--train_every', '100', '--precision', '32')
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  files = sorted((tmp_path / 'episodes').glob('*.npz'))
+  assert files
+  for filename in files:
+    action = tools.load_episode(filename)['action'][1:]
+    assert action.shape[1] == 6
+    assert np.all(action.sum(-1) == 1) and np.all((action == 0) | (action == 1))
+  metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert any('test/return' in m for m in metrics)
+  scalars = [m for m in metrics if 'pcont_loss' in m]
+  assert scalars and all(np.isfinite(m['model_loss']) for m in scalars)
+  values = tools.read_checkpoint(tmp_path / 'variables.pkl')
+  assert len(values) == 92  # 82 + the pcont head (8) + the pcont_loss metric (2).
+  assert values[9].shape == (16, 6)  # Actor output: one logit per action.
