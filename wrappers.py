@@ -53,8 +53,9 @@ def check_dmc_task(name):
 
 class DeepMindControl:
 
-  def __init__(self, name, size=(64, 64), camera=None, seed=None):
+  def __init__(self, name, size=(64, 64), camera=None, seed=None, action_repeat=1):
     from dm_control import suite
+    self._action_repeat = action_repeat
     check_dmc_task(name)
     domain, task = name.split('_', 1)
     domain = dmc_domain(domain)
@@ -75,10 +76,18 @@ class DeepMindControl:
     return spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32)
 
   def step(self, action):
-    time_step = self._env.step(action)
+    """Steps the physics `action_repeat` times (fewer if the episode ends), summing rewards, and renders once.
+
+    The same as ActionRepeat around a single-step env, minus the renders whose images ActionRepeat discards.
+    """
+    reward = 0
+    for _ in range(self._action_repeat):
+      time_step = self._env.step(action)
+      reward += time_step.reward or 0
+      if time_step.last():
+        break
     obs = dict(time_step.observation)
     obs['image'] = self.render()
-    reward = time_step.reward or 0
     done = time_step.last()
     info = {'discount': np.array(time_step.discount, np.float32)}
     return obs, reward, done, info
@@ -432,8 +441,7 @@ def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, si
   """The reference's wrapper stack for a task name `<suite>_<task>` (runs inside the worker)."""
   suite, _, name = task.partition('_')
   if suite == 'dmc':
-    env = DeepMindControl(name, size, seed=seed)
-    env = ActionRepeat(env, action_repeat)
+    env = DeepMindControl(name, size, seed=seed, action_repeat=action_repeat)  # Renders once per agent step.
     env = NormalizeActions(env)
   elif suite == 'atari':
     env = Atari(name, action_repeat, size, grayscale=False, life_done=True, sticky_actions=True, seed=seed)

@@ -487,3 +487,34 @@ def test_close_with_a_call_in_flight_shuts_the_worker_down_cleanly(make_async):
   env.step(np.zeros(6, np.float32), blocking=False)  # Not awaited.
   env.close()
   assert env._process.returncode == 0
+
+
+def test_dmc_repeat_inside_matches_action_repeat_wrapper_and_renders_once():
+  """DeepMindControl(action_repeat=2) must equal ActionRepeat(DeepMindControl(), 2) and render once per step.
+  Runs in a TF-free subprocess, since rendering next to TF crashes."""
+  import subprocess
+  import textwrap
+  code = textwrap.dedent('''
+      import numpy as np, wrappers
+      inner = wrappers.DeepMindControl('walker_walk', seed=3, action_repeat=2)
+      outer = wrappers.ActionRepeat(wrappers.DeepMindControl('walker_walk', seed=3), 2)
+      renders = {'n': 0}
+      render = inner.render
+      def counting(*a, **k):
+        renders['n'] += 1
+        return render(*a, **k)
+      inner.render = counting
+      a, b = inner.reset(), outer.reset()
+      rng = np.random.RandomState(0)
+      for step in range(30):
+        action = rng.uniform(-1, 1, 6)
+        (o1, r1, d1, i1), (o2, r2, d2, i2) = inner.step(action), outer.step(action)
+        assert r1 == r2 and d1 == d2 and i1['discount'] == i2['discount'], step
+        for key in o1:
+          np.testing.assert_array_equal(o1[key], o2[key], err_msg=key)
+      assert renders['n'] == 1 + 30, renders
+      print('OK')
+  ''')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
