@@ -1,0 +1,212 @@
+"""Learning curves against the paper's, and a table of final returns.
+
+Runs are read from `<indir>/<task>/<method>/<seed>/metrics.jsonl` (and `eval.json` beside it when present). Each
+run's points (`--xkey`, `--ykey`) are averaged in bins of `--bins` steps; a method's curve is the mean over seeds
+with a min-max (or standard-deviation) band. The published Dreamer curves (`scores/dreamer.json`) are drawn as the
+method `dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines.
+
+  python plotting.py --indir logdir --outdir plots
+"""
+
+import argparse
+import collections
+import csv
+import fnmatch
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+SCORES = pathlib.Path(__file__).resolve().parent / 'scores'
+PAPER = 'dreamer (paper)'
+
+Run = collections.namedtuple('Run', 'task, method, seed, xs, ys, eval')
+
+
+def load_runs(indir, xkey='step', ykey='test/return'):
+  """Every `<task>/<method>/<seed>/metrics.jsonl` under indir with at least one point."""
+  runs = []
+  for path in sorted(pathlib.Path(indir).glob('*/*/*/metrics.jsonl')):
+    seed_dir = path.parent
+    points = []
+    for number, line in enumerate(path.read_text().splitlines()):
+      try:
+        data = json.loads(line)
+      except ValueError:
+        print(f'Warning: {path}:{number + 1} is not JSON; skipped.', file=sys.stderr)
+        continue
+      if xkey in data and ykey in data:
+        points.append((float(data[xkey]), float(data[ykey])))
+    evaluation = None
+    if (seed_dir / 'eval.json').exists():
+      evaluation = json.loads((seed_dir / 'eval.json').read_text())
+    if points:
+      xs, ys = map(np.array, zip(*sorted(points)))
+      runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation))
+  return runs
+
+
+def load_paper(scores=SCORES):
+  """Published Dreamer runs as Run tuples, and the baselines {task: {method: score}}."""
+  runs = [Run(r['task'], PAPER, str(r['seed']), np.array(r['xs'], float), np.array(r['ys'], float), None)
+          for r in json.loads((pathlib.Path(scores) / 'dreamer.json').read_text())]
+  baselines = json.loads((pathlib.Path(scores) / 'baselines.json').read_text())
+  return runs, baselines
+
+
+def binning(xs, ys, width):
+  """Mean of ys per bin [k * width, (k + 1) * width); returns the bins' left edges and their means."""
+  index = np.floor(np.asarray(xs) / width).astype(int)
+  edges = np.unique(index)
+  means = np.array([np.mean(np.asarray(ys)[index == i]) for i in edges])
+  return edges * width, means
+
+
+def curve(runs, width, band='minmax'):
+  """x, mean, low, high over the seeds of one task and method (bins a seed lacks are ignored)."""
+  table = collections.defaultdict(list)
+  for run in runs:
+    for x, y in zip(*binning(run.xs, run.ys, width)):
+      table[x].append(y)
+  xs = np.array(sorted(table))
+  values = [np.array(table[x]) for x in xs]
+  mean = np.array([v.mean() for v in values])
+  if band == 'std':
+    std = np.array([v.std() for v in values])
+    return xs, mean, mean - std, mean + std
+  return xs, mean, np.array([v.min() for v in values]), np.array([v.max() for v in values])
+
+
+def final_return(run, width):
+  """The run's value in its last bin."""
+  return binning(run.xs, run.ys, width)[1][-1]
+
+
+def paper_at(paper_runs, step, width):
+  """The paper's mean return at the bin of `step` (the last bin it has if step lies beyond)."""
+  xs, mean, _, _ = curve(paper_runs, width)
+  index = min(np.searchsorted(xs, np.floor(step / width) * width), len(xs) - 1)
+  return float(mean[index])
+
+
+def table(runs, paper_runs, width):
+  """Rows of dicts: one per task and method, with the paper's return at the same step and at its end."""
+  rows = []
+  groups = collections.defaultdict(list)
+  for run in runs:
+    groups[(run.task, run.method)].append(run)
+  for (task, method), group in sorted(groups.items()):
+    paper = [r for r in paper_runs if r.task == task]
+    step = max(run.xs[-1] for run in group)
+    evals = [run.eval['mean'] for run in group if run.eval]
+    rows.append(dict(
+        task=task, method=method, seeds=len(group), step=int(step),
+        final=float(np.mean([final_return(run, width) for run in group])),
+        eval=float(np.mean(evals)) if evals else None,
+        paper_same_step=paper_at(paper, step, width) if paper else None,
+        paper_final=float(np.mean([r.ys[-1] for r in paper])) if paper else None))
+  return rows
+
+
+def average_row(rows):
+  mean = lambda key: (float(np.mean([r[key] for r in rows if r[key] is not None]))
+                      if any(r[key] is not None for r in rows) else None)
+  return dict(task='average', method='', seeds='', step='', final=mean('final'), eval=mean('eval'),
+              paper_same_step=mean('paper_same_step'), paper_final=mean('paper_final'))
+
+
+COLUMNS = ('task', 'method', 'seeds', 'step', 'final', 'eval', 'paper_same_step', 'paper_final')
+
+
+def write_tables(rows, outdir):
+  rows = rows + [average_row(rows)]
+  fmt = lambda v: '' if v is None else (f'{v:.1f}' if isinstance(v, float) else str(v))
+  with (outdir / 'returns.csv').open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    for row in rows:
+      writer.writerow([fmt(row[c]) for c in COLUMNS])
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+  lines += ['| ' + ' | '.join(fmt(row[c]) for c in COLUMNS) + ' |' for row in rows]
+  (outdir / 'returns.md').write_text('\n'.join(lines) + '\n')
+  return rows
+
+
+def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  tasks = sorted({run.task for run in runs})
+  rows_ = int(np.ceil(len(tasks) / cols))
+  fig, axes = plt.subplots(rows_, min(cols, len(tasks)), figsize=(4 * min(cols, len(tasks)), 3 * rows_),
+                           squeeze=False)
+  methods = sorted({run.method for run in runs})
+  colors = dict(zip([PAPER] + methods, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
+  for ax, task in zip(axes.flat, tasks):
+    xmax = max(run.xs.max() for run in runs if run.task == task)
+    groups = [(PAPER, [r for r in paper_runs if r.task == task and r.xs.min() <= xmax])]
+    groups += [(m, [r for r in runs if r.task == task and r.method == m]) for m in methods]
+    for method, group in groups:
+      if not group:
+        continue
+      xs, mean, low, high = curve(group, width, band)
+      if method == PAPER:
+        keep = xs <= max(xmax, width)
+        xs, mean, low, high = xs[keep], mean[keep], low[keep], high[keep]
+      ax.plot(xs, mean, color=colors[method], label=method)
+      ax.fill_between(xs, low, high, color=colors[method], alpha=0.2)
+    for i, (name, score) in enumerate(sorted(baselines.get(task, {}).items())):
+      ax.axhline(score, ls='--', lw=1, color=f'C{(i + 5) % 10}', label=name)
+    ax.set_title(task)
+    ax.set_xlabel(xkey)
+    ax.set_ylabel(ykey)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.axis('off')
+  handles = {}
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=min(6, len(handles)), frameon=False)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  for suffix in ('png', 'pdf'):
+    fig.savefig(outdir / f'curves.{suffix}', dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--indir', type=pathlib.Path, required=True)
+  parser.add_argument('--outdir', type=pathlib.Path, required=True)
+  parser.add_argument('--tasks', nargs='*', default=['*'], help='glob patterns, e.g. dmc_walker_*')
+  parser.add_argument('--methods', nargs='*', default=['*'], help='glob patterns')
+  parser.add_argument('--xkey', default='step')
+  parser.add_argument('--ykey', default='test/return')
+  parser.add_argument('--bins', type=float, default=1e5, help='bin width in steps')
+  parser.add_argument('--band', choices=('minmax', 'std'), default='minmax')
+  parser.add_argument('--scores', type=pathlib.Path, default=SCORES, help='folder of dreamer.json, baselines.json')
+  parser.add_argument('--no_paper', action='store_true', help='do not draw the published curves')
+  args = parser.parse_args(argv)
+  if args.bins <= 0:
+    parser.error(f'--bins must be positive, got {args.bins}')
+  match = lambda name, patterns: any(fnmatch.fnmatch(name, p) for p in patterns)
+  runs = [r for r in load_runs(args.indir, args.xkey, args.ykey)
+          if match(r.task, args.tasks) and match(r.method, args.methods)]
+  if not runs:
+    print(f'Error: no runs with {args.xkey} and {args.ykey} under {args.indir} '
+          '(expected <indir>/<task>/<method>/<seed>/metrics.jsonl).', file=sys.stderr)
+    return 2
+  paper_runs, baselines = load_paper(args.scores)
+  if args.no_paper:
+    paper_runs, baselines = [], {}
+  args.outdir.mkdir(parents=True, exist_ok=True)
+  plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)
+  rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
+  print((args.outdir / 'returns.md').read_text())
+  print(f'Wrote {args.outdir / "curves.png"}, curves.pdf, returns.md and returns.csv.')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""plotting.py on synthetic runs plus the shipped scores: the figure exists and the table is right."""
+
+import csv
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import plotting  # noqa: E402
+
+
+def write_run(indir, task, method, seed, points, evaluation=None, junk=False):
+  folder = indir / task / method / str(seed)
+  folder.mkdir(parents=True)
+  lines = [json.dumps({'step': s, 'test/return': r, 'test/length': 500, 'episodes': 1}) for s, r in points]
+  lines.insert(1, json.dumps({'step': 1, 'model_loss': 3.0}))  # Lines without the key are ignored.
+  if junk:
+    lines.append('{"step": 9')  # A partial last line, as a killed run may leave.
+  (folder / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+  if evaluation is not None:
+    (folder / 'eval.json').write_text(json.dumps({'mean': evaluation, 'returns': [evaluation]}))
+
+
+def paper(task):
+  runs = [r for r in json.loads((ROOT / 'scores' / 'dreamer.json').read_text()) if r['task'] == task]
+  at = lambda step: np.mean([y for r in runs for x, y in zip(r['xs'], r['ys']) if step <= x < step + 1e5])
+  return at, np.mean([r['ys'][-1] for r in runs])
+
+
+def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
+  indir, outdir = tmp_path / 'logdir', tmp_path / 'plots'
+  write_run(indir, 'dmc_walker_walk', 'port', 0, [(0, 10), (50000, 20), (100000, 30), (150000, 50)], 44.0)
+  write_run(indir, 'dmc_walker_walk', 'port', 1, [(0, 0), (50000, 10), (100000, 60), (150000, 70)], junk=True)
+  write_run(indir, 'dmc_cheetah_run', 'port', 0, [(0, 1), (250000, 100)])
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
+  assert 'not JSON' in capsys.readouterr().err
+  for name in ('curves.png', 'curves.pdf'):
+    assert (outdir / name).stat().st_size > 10000
+  assert (outdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  rows = {r['task']: r for r in csv.DictReader((outdir / 'returns.csv').open())}
+  walker_at, walker_final = paper('dmc_walker_walk')
+  cheetah_at, cheetah_final = paper('dmc_cheetah_run')
+  walker = rows['dmc_walker_walk']
+  # Bins of 1e5 steps: seed 0 ends with mean(30, 50) = 40, seed 1 with mean(60, 70) = 65.
+  assert float(walker['final']) == 52.5 and walker['seeds'] == '2' and walker['step'] == '150000'
+  assert float(walker['eval']) == 44.0
+  assert abs(float(walker['paper_same_step']) - walker_at(100000)) < 0.05
+  assert abs(float(walker['paper_final']) - walker_final) < 0.05
+  cheetah = rows['dmc_cheetah_run']
+  assert float(cheetah['final']) == 100.0 and cheetah['eval'] == ''
+  assert abs(float(cheetah['paper_same_step']) - cheetah_at(200000)) < 0.05
+  average = rows['average']
+  assert abs(float(average['final']) - (52.5 + 100.0) / 2) < 0.05
+  assert abs(float(average['paper_final']) - (walker_final + cheetah_final) / 2) < 0.05
+  assert '| dmc_walker_walk | port | 2 | 150000 | 52.5 | 44.0 |' in (outdir / 'returns.md').read_text()
+
+
+def test_filters_and_missing_runs(tmp_path):
+  indir = tmp_path / 'logdir'
+  write_run(indir, 'dmc_walker_walk', 'port', 0, [(0, 10), (100000, 30)])
+  write_run(indir, 'dmc_cheetah_run', 'port', 0, [(0, 1)])
+  assert plotting.main(['--indir', str(indir), '--outdir', str(tmp_path / 'a'), '--tasks', 'dmc_walker_*',
+                        '--band', 'std', '--bins', '5e4']) == 0
+  rows = list(csv.DictReader((tmp_path / 'a' / 'returns.csv').open()))
+  assert [r['task'] for r in rows] == ['dmc_walker_walk', 'average']
+  assert plotting.main(['--indir', str(tmp_path / 'empty'), '--outdir', str(tmp_path / 'b')]) == 2
+
+
+def test_binning_and_curve():
+  edges, means = plotting.binning([0, 10, 100, 250], [1.0, 3.0, 5.0, 7.0], 100)
+  assert list(edges) == [0, 100, 200] and list(means) == [2.0, 5.0, 7.0]
+  runs = [plotting.Run('t', 'm', str(i), np.array([0, 100.0]), np.array(ys), None)
+          for i, ys in enumerate([[1.0, 2.0], [3.0, 6.0]])]
+  xs, mean, low, high = plotting.curve(runs, 100)
+  assert list(mean) == [2.0, 4.0] and list(low) == [1.0, 2.0] and list(high) == [3.0, 6.0]
+  xs, mean, low, high = plotting.curve(runs, 100, band='std')
+  assert list(high - mean) == [1.0, 2.0]
