@@ -133,10 +133,17 @@ def write_tables(rows, outdir):
   return rows
 
 
+def _steps_label(x, _):
+  if abs(x) >= 1e6:
+    return f'{x / 1e6:g}M'
+  return f'{x / 1e3:g}k' if abs(x) >= 1e3 else f'{x:g}'
+
+
 def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   tasks = sorted({run.task for run in runs})
   rows_ = int(np.ceil(len(tasks) / cols))
   fig, axes = plt.subplots(rows_, min(cols, len(tasks)), figsize=(4 * min(cols, len(tasks)), 3 * rows_),
@@ -159,6 +166,7 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
     for i, (name, score) in enumerate(sorted(baselines.get(task, {}).items())):
       ax.axhline(score, ls='--', lw=1, color=f'C{(i + 5) % 10}', label=name)
     ax.set_title(task)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_steps_label))
     ax.set_xlabel(xkey)
     ax.set_ylabel(ykey)
     ax.grid(alpha=0.3)
@@ -168,8 +176,9 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   for ax in axes.flat:
     for handle, label in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(label, handle)
-  fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=min(6, len(handles)), frameon=False)
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  ncol = min(len(handles), 2 * axes.shape[1] + 1)
+  fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=ncol, frameon=False)
+  fig.tight_layout(rect=(0, 0.06 * int(np.ceil(len(handles) / ncol)) / rows_ + 0.04, 1, 1))
   for suffix in ('png', 'pdf'):
     fig.savefig(outdir / f'curves.{suffix}', dpi=110)
   plt.close(fig)
