@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+PROCESS_START = time.perf_counter()  # For the benchmark's time to the first train step.
+
 # Do not override environment variables the user set.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('MUJOCO_GL', 'egl')
@@ -44,6 +46,7 @@ def define_config():
   config.checkpoint = ''  # A variables.pkl to load instead of the logdir's (e.g. one the reference wrote).
   config.eval_only = False  # Only evaluate the loaded checkpoint for eval_episodes episodes; writes eval.json.
   config.eval_episodes = 10
+  config.benchmark = False  # Only measure speed on this machine; writes benchmark.json.
   # Environment.
   config.task = 'dmc_walker_walk'
   config.envs = 1
@@ -629,6 +632,10 @@ def main(config):
     tools.read_checkpoint(checkpoint)  # A missing, truncated or unsafe file stops here, before any environment.
   if config.eval_only:
     return evaluate(config, checkpoint)
+  if config.benchmark:
+    import benchmark
+    result = benchmark.run(config, Dreamer, make_env, policy, PROCESS_START)
+    return benchmark.report(result, config.logdir)
   check_resume(config)
   tools.write_json(config.logdir / 'config.json', dict(config))
 

@@ -1,0 +1,196 @@
+"""`python dreamer.py --logdir L --benchmark True`: how fast this machine trains Dreamer with the given flags.
+
+Writes L/benchmark.json and prints it as a table: the first train step (tracing included), the train step on
+synthetic batches, its exact FLOP count and achieved rate against a matmul peak measured in the same precision,
+the policy step, the real environment step, and the hours one million environment steps take.
+"""
+
+import collections
+import json
+import pathlib
+import platform
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+
+import tools
+
+
+def synthetic_episodes(directory, config, actdim, count=4):
+  """Random episodes long enough for --batch_length; enough to draw batches from."""
+  rng = np.random.RandomState(config.seed)
+  length = max(config.batch_length + 1, 101)
+  for _ in range(count):
+    tools.save_episodes(directory, [dict(
+        image=rng.randint(0, 255, (length, 64, 64, 3), dtype=np.uint8),
+        action=rng.uniform(-1, 1, (length, actdim)).astype(np.float32),
+        reward=rng.rand(length).astype(np.float32), discount=np.ones(length, np.float32))])
+
+
+def _live_ops(graph):
+  """Ops that run: everything the function's outputs and side effects depend on (what grappler keeps)."""
+  seen, stack = {}, [t.op for t in graph.outputs] + list(graph.control_outputs)
+  while stack:
+    op = stack.pop()
+    if op.name in seen:
+      continue
+    seen[op.name] = op
+    stack.extend(t.op for t in op.inputs)
+    stack.extend(op.control_inputs)
+  return seen.values()
+
+
+def _size(shape):
+  return int(np.prod([int(d) for d in shape]))
+
+
+def graph_flops(graph):
+  """FLOPs of one call of a traced function, by op type. Convolutions count 2 * filter size per output position
+  of the forward convolution (also for their gradients and transposed convolutions); other ops use TF's
+  registered statistics (matmuls 2 m k n)."""
+  flops = collections.Counter()
+  for op in _live_ops(graph):
+    if op.type == 'Conv2D':
+      value = 2 * _size(op.inputs[1].shape) * _size(op.outputs[0].shape[:-1])
+    elif op.type == 'Conv2DBackpropInput':
+      value = 2 * _size(op.inputs[1].shape) * _size(op.inputs[2].shape[:-1])
+    elif op.type == 'Conv2DBackpropFilter':
+      value = 2 * _size(op.outputs[0].shape) * _size(op.inputs[2].shape[:-1])
+    else:
+      try:
+        value = tf_ops.get_stats_for_node_def(graph, op.node_def, 'flops').value or 0
+      except Exception:  # No statistics registered, or shapes unknown.
+        value = 0
+    if value:
+      flops[op.type] += value
+  return flops
+
+
+def peak_gflops(dtype, size=2048, repeats=10):
+  """Rate of a large square matmul in `dtype` on this device."""
+  a = tf.random.normal((size, size), dtype=tf.float32)
+  a = tf.cast(a, dtype)
+
+  @tf.function
+  def run(a):
+    x = a
+    for _ in range(repeats):
+      x = tf.matmul(x, a) * tf.cast(1e-3, dtype)
+    return x
+
+  run(a).numpy()
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    run(a).numpy()
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 * repeats / min(times) / 1e9
+
+
+def spread(values):
+  return dict(min=float(np.min(values)), median=float(np.median(values)), max=float(np.max(values)),
+              n=len(values))
+
+
+def run(config, agent_class, make_env, policy_name, process_start):
+  """Measures everything; returns the dict written to benchmark.json."""
+  result = collections.OrderedDict()
+  gpus = tf.config.list_physical_devices('GPU')
+  result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({platform.processor() or platform.machine()}, '
+                      f'{len(tf.config.list_physical_devices("CPU"))} device, {_cores()} cores)')
+  result['precision'] = policy_name
+  result['config'] = {k: config[k] for k in (
+      'batch_size', 'batch_length', 'horizon', 'deter_size', 'stoch_size', 'num_units', 'cnn_depth',
+      'train_every', 'train_steps', 'action_repeat', 'task')}
+
+  env = make_env(config, 'test', 0)
+  try:
+    result.update(_measure(config, agent_class, env, process_start, policy_name))
+  finally:
+    env.close()
+
+  agent_steps = 1e6 / config.action_repeat
+  eval_steps = 1e6 / config.eval_every * config.time_limit / config.action_repeat
+  seconds = (1e6 / config.train_every * config.train_steps * result['train_step_s']['median']
+             + (agent_steps + eval_steps) * (result['env_step_ms']['median'] + result['policy_step_ms']['median'])
+             / 1000)
+  result['hours_per_1e6_env_steps'] = seconds / 3600
+  return result
+
+
+def _measure(config, agent_class, env, process_start, policy_name):
+  result = {}
+  space = env.action_space
+  space.seed(config.seed)
+  with tempfile.TemporaryDirectory() as datadir:
+    actdim = int(space.n if hasattr(space, 'n') else space.shape[0])
+    synthetic_episodes(datadir, config, actdim)
+    start = time.perf_counter()
+    agent = agent_class(config, datadir, space)  # Builds and makes the first train step (tracing included).
+    result['first_train_step_s'] = time.perf_counter() - start
+    result['first_train_step_since_process_start_s'] = time.perf_counter() - process_start
+    data = [next(agent._dataset) for _ in range(8)]
+    agent.train(data[0])['model_loss'].numpy()  # Warm-up.
+    times = []
+    for batch in data[1:]:
+      start = time.perf_counter()
+      agent.train(batch)['model_loss'].numpy()
+      times.append(time.perf_counter() - start)
+    result['train_step_s'] = spread(times)
+    flops = graph_flops(agent.train.get_concrete_function(data[0]).graph)
+    result['gflop_per_train_step'] = sum(flops.values()) / 1e9
+    result['gflop_by_op'] = {k: v / 1e9 for k, v in flops.most_common(6)}
+    result['achieved_gflops'] = result['gflop_per_train_step'] / result['train_step_s']['median']
+    compute = tf.bfloat16 if 'bfloat16' in policy_name else tf.float16 if 'float16' in policy_name else tf.float32
+    result['peak_gflops'] = peak_gflops(compute)
+
+    # Policy step: one observation, the training policy (sample + exploration), as in collection.
+    obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
+    state = None
+    for _ in range(10):
+      _, state = agent.policy(obs, np.array([False]), state, True)
+    times = []
+    for _ in range(200):
+      start = time.perf_counter()
+      _, state = agent.policy(obs, np.array([False]), state, True)
+      times.append(time.perf_counter() - start)
+    result['policy_step_ms'] = spread(1000 * np.array(times))
+
+  # Environment step: the real task through its worker, random actions.
+  env.reset()
+  times = []
+  for _ in range(60):
+    action = space.sample()
+    start = time.perf_counter()
+    _, _, done, _ = env.step(action)
+    times.append(time.perf_counter() - start)
+    if done:
+      env.reset()
+  result['env_step_ms'] = spread(1000 * np.array(times[10:]))
+  return result
+
+
+
+def _cores():
+  import os
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def report(result, logdir):
+  path = pathlib.Path(logdir) / 'benchmark.json'
+  tools.write_json(path, result)
+  rows = []
+  for key, value in result.items():
+    if isinstance(value, dict) and 'median' in value:
+      value = f'{value["median"]:.3f} (min {value["min"]:.3f}, max {value["max"]:.3f}, n {value["n"]})'
+    elif isinstance(value, float):
+      value = f'{value:.3f}'
+    elif isinstance(value, dict):
+      value = json.dumps({k: float(f'{v:.4g}') if isinstance(v, float) else v for k, v in value.items()})
+    rows.append((key, str(value)))
+  width = max(len(k) for k, _ in rows)
+  print('\n'.join(f'{k:<{width}}  {v}' for k, v in rows))
+  print(f'Wrote {path}.')

@@ -1,0 +1,57 @@
+"""The benchmark command and its FLOP count."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import benchmark  # noqa: E402
+
+
+def test_graph_flops_counts_convolutions_their_gradients_and_matmuls():
+  image = tf.random.normal((2, 8, 8, 3))
+  kernel = tf.Variable(tf.random.normal((3, 3, 3, 4)))
+  weight = tf.Variable(tf.random.normal((144, 5)))
+
+  @tf.function
+  def step(image):
+    with tf.GradientTape() as tape:
+      x = tf.nn.conv2d(image, kernel, 1, 'VALID')  # [2, 6, 6, 4]
+      y = tf.matmul(tf.reshape(x, (2, 144)), weight)  # [2, 5]
+      loss = tf.reduce_sum(y)
+    grads = tape.gradient(loss, [kernel, weight])
+    kernel.assign_sub(0.1 * grads[0])
+    weight.assign_sub(0.1 * grads[1])
+    return loss
+
+  flops = benchmark.graph_flops(step.get_concrete_function(image).graph)
+  conv = 2 * (3 * 3 * 3 * 4) * (2 * 6 * 6)
+  matmul = 2 * 2 * 144 * 5
+  assert flops['Conv2D'] == conv
+  assert flops['Conv2DBackpropFilter'] == conv
+  assert 'Conv2DBackpropInput' not in flops  # No gradient is needed for the image, so it does not run.
+  assert flops['MatMul'] == 3 * matmul  # Forward, and the gradients for the weight and for x.
+
+
+def test_benchmark_command_writes_its_json(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(tmp_path), '--benchmark', 'True',
+       '--preset', 'debug', '--precision', '32'], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  data = json.loads((tmp_path / 'benchmark.json').read_text())
+  for key in ('device', 'precision', 'first_train_step_s', 'train_step_s', 'gflop_per_train_step', 'achieved_gflops',
+              'peak_gflops', 'policy_step_ms', 'env_step_ms', 'hours_per_1e6_env_steps'):
+    assert key in data, key
+  assert data['precision'] == 'float32' and data['device'].startswith('CPU')
+  assert data['train_step_s']['n'] >= 5 and 0 < data['train_step_s']['min'] <= data['train_step_s']['median']
+  assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1
+  assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])
+  assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
+  assert 'train_step_s' in result.stdout and 'Wrote' in result.stdout
+  assert not (tmp_path / 'episodes').exists()
