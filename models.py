@@ -142,57 +142,58 @@ class ConvDecoder(keras.layers.Layer):
     return tfd.Independent(tfd.Normal(mean, 1), len(self._shape))
 
 
-class DenseDecoder(keras.layers.Layer):
+class _MLP(keras.layers.Layer):
+  """`layers` x Dense(units, act) named h0, h1, ..., then Dense(out) named hout, as the reference names them."""
 
-  def __init__(self, shape, layers, units, dist='normal', act='elu', **kwargs):
+  def __init__(self, layers, units, out, act, **kwargs):
     super().__init__(**kwargs)
-    self._shape = tuple(shape)
-    self._dist = dist
-    if dist not in ('normal', 'binary'):
-      raise NotImplementedError(dist)
     self._hidden = [keras.layers.Dense(units, get_act(act), name=f'h{i}') for i in range(layers)]
-    self.hout = keras.layers.Dense(int(np.prod(self._shape)), name='hout')
-
-  @property
-  def dense_layers(self):
-    return self._hidden + [self.hout]
-
-  def call(self, features):
-    x = features
-    for layer in self._hidden:
-      x = layer(x)
-    x = tf.cast(self.hout(x), tf.float32)
-    x = tf.reshape(x, tf.concat([tf.shape(features)[:-1], self._shape], 0))
-    if self._dist == 'normal':
-      return tfd.Independent(tfd.Normal(x, 1), len(self._shape))
-    return tfd.Independent(tfd.Bernoulli(x, dtype=tf.float32), len(self._shape))
-
-
-class ActionDecoder(keras.layers.Layer):
-
-  def __init__(self, size, layers, units, dist='tanh_normal', act='elu', min_std=1e-4, init_std=5,
-               mean_scale=5, **kwargs):
-    super().__init__(**kwargs)
-    if dist not in ('tanh_normal', 'onehot'):
-      raise NotImplementedError(dist)
-    self._size = size
-    self._dist = dist
-    self._min_std = min_std
-    self._init_std = init_std
-    self._mean_scale = mean_scale
-    self._hidden = [keras.layers.Dense(units, get_act(act), name=f'h{i}') for i in range(layers)]
-    out = 2 * size if dist == 'tanh_normal' else size
     self.hout = keras.layers.Dense(out, name='hout')
 
   @property
   def dense_layers(self):
     return self._hidden + [self.hout]
 
-  def call(self, features):
+  def _forward(self, features):
+    """[..., F] -> [..., out] float32."""
     x = features
     for layer in self._hidden:
       x = layer(x)
-    x = tf.cast(self.hout(x), tf.float32)
+    return tf.cast(self.hout(x), tf.float32)
+
+
+class DenseDecoder(_MLP):
+
+  def __init__(self, shape, layers, units, dist='normal', act='elu', **kwargs):
+    super().__init__(layers, units, int(np.prod(shape)), act, **kwargs)
+    self._shape = tuple(shape)
+    self._dist = dist
+    if dist not in ('normal', 'binary'):
+      raise NotImplementedError(dist)
+
+  def call(self, features):
+    x = self._forward(features)
+    x = tf.reshape(x, tf.concat([tf.shape(features)[:-1], self._shape], 0))
+    if self._dist == 'normal':
+      return tfd.Independent(tfd.Normal(x, 1), len(self._shape))
+    return tfd.Independent(tfd.Bernoulli(x, dtype=tf.float32), len(self._shape))
+
+
+class ActionDecoder(_MLP):
+
+  def __init__(self, size, layers, units, dist='tanh_normal', act='elu', min_std=1e-4, init_std=5,
+               mean_scale=5, **kwargs):
+    if dist not in ('tanh_normal', 'onehot'):
+      raise NotImplementedError(dist)
+    super().__init__(layers, units, 2 * size if dist == 'tanh_normal' else size, act, **kwargs)
+    self._size = size
+    self._dist = dist
+    self._min_std = min_std
+    self._init_std = init_std
+    self._mean_scale = mean_scale
+
+  def call(self, features):
+    x = self._forward(features)
     if self._dist == 'tanh_normal':
       raw_init_std = np.log(np.exp(self._init_std) - 1)
       mean, std = tf.split(x, 2, -1)

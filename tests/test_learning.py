@@ -49,6 +49,16 @@ def test_world_model_loss_falls_and_imagined_return_rises(datadir, tmp_path, see
       metrics = agent.train(data)
       model_loss.append(float(metrics['model_loss']))
       imagined.append(-float(metrics['actor_loss']))
+    # Traced once per shape: the reference retraced its policy and leaked memory (its issue #19).
+    assert agent.train.experimental_get_tracing_count() == 1
+    image = (np.asarray(data['image'][:2, 0]) * 255 + 127.5).astype(np.uint8)
+    state = None
+    for step in range(6):
+      action, state = agent.policy({'image': image}, np.array([step % 3 == 0, False]), state, True)
+      assert action.shape == (2, 6) and np.all(np.abs(action) <= 1)
+    agent.policy({'image': image}, np.array([False, False]), state, False)
+    agent.policy({'image': image}, np.array([True, True]), state, False)
+    assert agent._policy.experimental_get_tracing_count() == 2  # One trace for training, one for evaluation.
   finally:
     keras.mixed_precision.set_global_policy('float32')
   assert all(np.isfinite(model_loss)) and all(np.isfinite(imagined))
