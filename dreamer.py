@@ -122,6 +122,13 @@ def check_config(config):
       raise UserError(f'--{key} must be positive, got {config[key]}.')
   if config.batch_length < 2:
     raise UserError(f'--batch_length must be at least 2, got {config.batch_length}.')
+  if config.eval_every < config.action_repeat:
+    raise UserError(f'--eval_every {config.eval_every} is less than one agent step (--action_repeat '
+                    f'{config.action_repeat}); nothing would be collected between evaluations.')
+  if config.task.startswith('dmc_') and config.time_limit // config.action_repeat < config.batch_length:
+    raise UserError(f'Episodes of --time_limit {config.time_limit} / --action_repeat {config.action_repeat} = '
+                    f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
+                    f'{config.batch_length}; no training window would fit.')
   suite = config.task.partition('_')[0]
   if suite not in wrappers.SUITES:
     raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
@@ -227,7 +234,7 @@ class Dreamer:
           self._log_openl(data)
         skipped += int(self.train(data)['nonfinite'].numpy())
       self._nonfinite += skipped
-      if skipped == n:
+      if n and skipped == n:
         raise NonFiniteError(
             f'All {n} train steps of this round at step {step} had non-finite losses or gradients and were '
             'skipped; the run stops. The last checkpoint is untouched. Try a lower learning rate, --precision 32 '
@@ -456,8 +463,8 @@ class Dreamer:
   def _openl(self, data):
     """Video [6, T, 3 * 64, 64, 3] in [0, 1]: truth, model (5 observed steps, then open loop), error."""
     n = min(6, self._c.batch_size)
-    embed = self._encode(data)
-    post, _ = self._dynamics.observe(embed[:n], data['action'][:n])
+    embed = self._encode({'image': data['image'][:n]})
+    post, _ = self._dynamics.observe(embed, data['action'][:n])
     truth = data['image'][:n] + 0.5
     recon = self._decode(self._dynamics.get_feat(post)).mode()
     init = {k: v[:, 4] for k, v in post.items()}
@@ -510,6 +517,7 @@ class Dreamer:
 def count_hint(difference):
   """Flags that change the number of arrays in variables.pkl by `difference` (checkpoint minus agent)."""
   hints = {10: '--pcont (the checkpoint has a pcont head)', -10: '--pcont (the checkpoint has no pcont head)',
+           8: '--pcont (the checkpoint has a pcont head)', -8: '--pcont (the checkpoint has no pcont head)',
            24: '--log_scalars (the checkpoint has all metrics)', -24: '--log_scalars (the checkpoint has one metric)',
            26: '--log_scalars', -26: '--log_scalars', 34: '--pcont and --log_scalars', -34: '--pcont and --log_scalars'}
   return hints.get(difference, '--pcont, --log_scalars')
@@ -636,10 +644,11 @@ def main(config):
     import benchmark
     result = benchmark.run(config, Dreamer, make_env, policy, PROCESS_START)
     return benchmark.report(result, config.logdir)
-  check_resume(config)
-  tools.write_json(config.logdir / 'config.json', dict(config))
-
   datadir = config.logdir / 'episodes'
+  check_resume(config, datadir)
+  if config.prefill <= 0 and not tools.count_episodes(datadir)[0]:
+    raise UserError(f'--prefill {config.prefill}: the replay in {datadir} is empty, so the agent has nothing to '
+                    'learn from; use a positive --prefill.')
   writer = tf.summary.create_file_writer(str(config.logdir), max_queue=1000, flush_millis=20000)
   progress = {}
   train_envs, test_envs = [], []
@@ -649,6 +658,7 @@ def main(config):
       test_envs.append(make_env(config, 'test', i))
     actspace = train_envs[0].action_space
     actspace.seed(config.seed)
+    tools.write_json(config.logdir / 'config.json', dict(config))  # Once the task is known to exist.
     on_train = lambda ep: (tools.save_episodes(datadir, [ep]),
                            summarize_episode(ep, config, datadir, writer, 'train', progress))
     on_test = lambda ep: summarize_episode(ep, config, datadir, writer, 'test', progress)
@@ -684,6 +694,7 @@ def main(config):
         agent.save(config.logdir / 'variables.pkl')
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
       agent.save(config.logdir / 'variables.pkl')
+      print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
       raise
   finally:
     for env in train_envs + test_envs:
@@ -696,11 +707,13 @@ FIXED_ON_RESUME = ('task', 'action_repeat', 'deter_size', 'stoch_size', 'num_uni
                    'action_dist', 'log_scalars')
 
 
-def check_resume(config):
+def check_resume(config, datadir):
   """Compares the flags with the run's saved config.json: shape-changing differences stop, others are reported."""
   path = config.logdir / 'config.json'
   if not path.exists():
     return
+  if not tools.count_episodes(datadir)[0] and not (config.logdir / 'variables.pkl').exists():
+    return  # Nothing was stored under the old flags.
   try:
     saved = json.loads(path.read_text())
   except ValueError:
@@ -722,8 +735,10 @@ def check_resume(config):
 def evaluate(config, checkpoint):
   """Runs eval_episodes test episodes with the loaded agent (actor mode + eval_noise); stores nothing in a replay.
   Writes eval.json and the first episode as eval_video.gif in the logdir."""
-  envs = [make_env(config, 'test', i) for i in range(config.envs)]
+  envs = []
   try:
+    for i in range(config.envs):
+      envs.append(make_env(config, 'test', i))
     agent = Dreamer(config, None, envs[0].action_space)
     step = agent.load(checkpoint)
     print(f'Loaded checkpoint {checkpoint} (step {step}); evaluating {config.eval_episodes} episodes.')
@@ -802,8 +817,11 @@ def cli(argv=None):
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print('Interrupted; the checkpoint is saved.', file=sys.stderr)
+    print('Interrupted.', file=sys.stderr)
     sys.exit(130)
+  except tools.NoEpisodesError as e:
+    print(f'Error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import re
 import sys
 import uuid
 
+import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -211,7 +212,6 @@ class Optimizer:
   """
 
   def __init__(self, name, layers, lr, clip=None, wd=0.0, wdpattern=r'.*', loss_scale=False):
-    import keras
     self._name = name
     self._layers = layers
     self._lr = lr
@@ -229,8 +229,8 @@ class Optimizer:
     if self._variables is None:
       self._variables = [v for layer in self._layers for v in layer.trainable_weights]
       # Names for --weight_decay_pattern, e.g. 'model/encode/h1/kernel'.
-      self._names = {id(v): f'{self._name}/{layer.name}/{v.path}'
-                     for layer in self._layers for v in layer.trainable_weights}
+      path = lambda layer, v: v.path if v.path.startswith(layer.name + '/') else f'{layer.name}/{v.path}'
+      self._names = {id(v): f'{self._name}/{path(layer, v)}' for layer in self._layers for v in layer.trainable_weights}
       self._opt.build(self._variables)
     return self._variables
 
@@ -311,6 +311,10 @@ def load_episode(filename):
     return {k: episode[k] for k in episode.keys()}
 
 
+class NoEpisodesError(RuntimeError):
+  """The replay folder holds no episode the loader can use."""
+
+
 def episode_length(filename):
   return int(pathlib.Path(filename).stem.rsplit('-', 1)[-1])
 
@@ -330,7 +334,7 @@ def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_b
     filenames = [f for f in sorted(directory.glob('*.npz'))
                  if f not in broken and (not length or episode_length(f) >= length + 1)]
     if not filenames:
-      raise RuntimeError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
+      raise NoEpisodesError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
     for index in random.choice(len(filenames), rescan):
       filename = filenames[index]
       if filename in cache:

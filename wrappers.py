@@ -487,8 +487,12 @@ class Async:
     self._closed = False
     self._obs_space = None
     self._action_space = None
-    self._send(('make', kwargs), 'creating the environment')
-    self._receive('creating the environment', max(timeout, 120.0))
+    try:
+      self._send(('make', kwargs), 'creating the environment')
+      self._receive('creating the environment', max(timeout, 120.0))
+    except BaseException:
+      self.close()
+      raise
 
   @property
   def name(self):

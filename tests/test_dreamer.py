@@ -125,6 +125,7 @@ def test_unknown_task_exits_2_with_the_valid_names(tmp_path):
   result = run('--logdir', str(tmp_path / 'a'), '--task', 'dmc_walker_fly', *TINY[2:], timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'dmc_walker_walk' in result.stderr and 'Traceback' not in result.stderr
+  assert not (tmp_path / 'a' / 'config.json').exists()  # A typo does not lock the logdir to the wrong task.
   result = run('--logdir', str(tmp_path / 'b'), '--task', 'gym_pong', timeout=120)
   assert result.returncode == 2
   assert 'dmc' in result.stderr and 'atari' in result.stderr and 'Traceback' not in result.stderr
@@ -137,6 +138,10 @@ def test_bad_flag_value_names_the_flag(tmp_path):
   assert result.returncode == 2 and '--pcont' in result.stderr
   result = run('--logdir', str(tmp_path), '--parallel', 'gpu', timeout=120)
   assert result.returncode == 2 and '--parallel' in result.stderr and 'Traceback' not in result.stderr
+  result = run('--logdir', str(tmp_path), '--time_limit', '80', timeout=120)
+  assert result.returncode == 2 and '--batch_length 50' in result.stderr and 'Traceback' not in result.stderr
+  result = run('--logdir', str(tmp_path / 'empty'), '--prefill', '0', timeout=120)
+  assert result.returncode == 2 and '--prefill 0' in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_unwritable_logdir_fails_before_environments(tmp_path):

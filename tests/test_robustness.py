@@ -158,3 +158,24 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   assert 'Interrupted; the checkpoint is saved.' in out
   assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
   check_logdir(logdir)
+
+
+def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):
+  fake_episodes(tmp_path / 'episodes', 3)
+  kernels = {}
+  for wd in (0.0, 0.5):
+    config = dreamer.parse_args([
+        '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
+        '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
+        '--weight_decay', str(wd), '--weight_decay_pattern', r'^model/encode/h1/kernel$'])
+    dreamer.setup(config)
+    agent = dreamer.Dreamer(config, None, spaces.Box(-1, 1, (6,)))
+    agent._dataset = iter(dreamer.load_dataset(tmp_path / 'episodes', config))
+    before = agent._encode.h1.kernel.numpy().copy()
+    agent.train(next(agent._dataset))
+    kernels[wd] = (before, agent._encode.h1.kernel.numpy(), agent._encode.h2.kernel.numpy())
+  keras.mixed_precision.set_global_policy('float32')
+  (before0, after0, other0), (before5, after5, other5) = kernels[0.0], kernels[0.5]
+  np.testing.assert_allclose(before0, before5)  # Same seed, same start.
+  np.testing.assert_allclose(other0, other5, atol=1e-6)  # Unmatched variables: no decay.
+  np.testing.assert_allclose(after0 - after5, 6e-4 * 0.5 * before0, atol=1e-6)  # lr * wd * var.
