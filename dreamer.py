@@ -778,7 +778,7 @@ PRESETS = dict(
     none=dict(),
     # Small networks and batches for a 2-core CPU (see docs/cpu_experiment.md).
     cpu=dict(deter_size=100, stoch_size=20, num_units=200, cnn_depth=16, batch_size=16, batch_length=50,
-             train_steps=50, pretrain=100),
+             train_steps=100, pretrain=100),
     # Tiny everything, for tests and smoke runs.
     debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
                train_steps=1, pretrain=3, horizon=3, prefill=200, eval_every=200, train_every=100,
