@@ -211,6 +211,7 @@ class Dreamer:
     self._last_log = None
     self._last_time = time.time()
     self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
+    self._skipped = tf.Variable(0.0, trainable=False)  # Skipped steps in the current round (not checkpointed).
     names = ['expl_amount']
     if config.log_scalars:
       names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
@@ -227,12 +228,13 @@ class Dreamer:
       log = self._should_log(step)
       n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
       print(f'Training for {n} steps.')
-      skipped = 0
+      self._skipped.assign(0.0)
       for train_step in range(n):
         data = next(self._dataset)
         if log and train_step == 0 and self._c.log_images:
           self._log_openl(data)
-        skipped += int(self.train(data)['nonfinite'].numpy())
+        self.train(data)
+      skipped = int(self._skipped.numpy())  # Read once per round, so train steps are not synchronized.
       self._nonfinite += skipped
       if n and skipped == n:
         raise NonFiniteError(
@@ -300,6 +302,7 @@ class Dreamer:
   @tf.function
   def train(self, data):
     metrics = self._train(data)
+    self._skipped.assign_add(metrics['nonfinite'])
     if self._c.log_scalars:
       for name, value in metrics.items():
         if name in self._metrics:
