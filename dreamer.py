@@ -125,7 +125,8 @@ def check_config(config):
   if config.eval_every < config.action_repeat:
     raise UserError(f'--eval_every {config.eval_every} is less than one agent step (--action_repeat '
                     f'{config.action_repeat}); nothing would be collected between evaluations.')
-  if config.task.startswith('dmc_') and config.time_limit // config.action_repeat < config.batch_length:
+  training = not (config.eval_only or config.benchmark)
+  if training and config.task.startswith('dmc_') and config.time_limit // config.action_repeat < config.batch_length:
     raise UserError(f'Episodes of --time_limit {config.time_limit} / --action_repeat {config.action_repeat} = '
                     f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
                     f'{config.batch_length}; no training window would fit.')

@@ -96,6 +96,7 @@ def test_resume_with_shape_changing_flags_stops(tmp_path):
   logdir.mkdir()
   saved = dict(dreamer.define_config(), logdir=str(logdir), deter_size=16, num_units=16, batch_size=4)
   (logdir / 'config.json').write_text(json.dumps(saved, default=str))
+  fake_episodes(logdir / 'episodes', 1)  # The old run stored data under its flags.
   result = subprocess.run(
       [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(logdir), '--deter_size', '32',
        '--num_units', '16', '--batch_size', '8'], capture_output=True, text=True, timeout=120)
@@ -155,7 +156,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   process.send_signal(signal.SIGTERM)
   out, _ = process.communicate(timeout=120)
   assert process.returncode == 130, ''.join(lines) + out
-  assert 'Interrupted; the checkpoint is saved.' in out
+  assert f'Interrupted; saved {logdir / "variables.pkl"}.' in out
   assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
   check_logdir(logdir)
 
