@@ -83,11 +83,14 @@ def final_return(run, width):
   return binning(run.xs, run.ys, width)[1][-1]
 
 
-def paper_at(paper_runs, step, width):
-  """The paper's mean return at the bin of `step` (the last bin it has if step lies beyond)."""
-  xs, mean, _, _ = curve(paper_runs, width)
-  index = min(np.searchsorted(xs, np.floor(step / width) * width), len(xs) - 1)
-  return float(mean[index])
+def paper_at(paper_runs, step):
+  """The paper's mean return over seeds, linearly interpolated at `step` (its last value beyond its end)."""
+  points = collections.defaultdict(list)
+  for run in paper_runs:
+    for x, y in zip(run.xs, run.ys):
+      points[x].append(y)
+  xs = np.array(sorted(points))
+  return float(np.interp(step, xs, [np.mean(points[x]) for x in xs]))
 
 
 def table(runs, paper_runs, width):
@@ -104,7 +107,7 @@ def table(runs, paper_runs, width):
         task=task, method=method, seeds=len(group), step=int(step),
         final=float(np.mean([final_return(run, width) for run in group])),
         eval=float(np.mean(evals)) if evals else None,
-        paper_same_step=paper_at(paper, step, width) if paper else None,
+        paper_same_step=paper_at(paper, step) if paper else None,
         paper_final=float(np.mean([r.ys[-1] for r in paper])) if paper else None))
   return rows
 
@@ -146,7 +149,7 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   import matplotlib.ticker
   tasks = sorted({run.task for run in runs})
   rows_ = int(np.ceil(len(tasks) / cols))
-  fig, axes = plt.subplots(rows_, min(cols, len(tasks)), figsize=(4 * min(cols, len(tasks)), 3 * rows_),
+  fig, axes = plt.subplots(rows_, min(cols, len(tasks)), figsize=(max(6, 4 * min(cols, len(tasks))), 3.5 * rows_),
                            squeeze=False)
   methods = sorted({run.method for run in runs})
   colors = dict(zip([PAPER] + methods, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
@@ -158,10 +161,11 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
       if not group:
         continue
       xs, mean, low, high = curve(group, width, band)
-      if method == PAPER:
-        keep = xs <= max(xmax, width)
+      if method == PAPER:  # Up to the first point past the runs, so the paper's trend shows.
+        keep = np.arange(len(xs)) <= np.searchsorted(xs, xmax)
         xs, mean, low, high = xs[keep], mean[keep], low[keep], high[keep]
-      ax.plot(xs, mean, color=colors[method], label=method)
+      xs = xs + width / 2  # Draw each bin at its middle.
+      ax.plot(xs, mean, color=colors[method], label=method, marker='o' if len(xs) < 8 else None, ms=3)
       ax.fill_between(xs, low, high, color=colors[method], alpha=0.2)
     for i, (name, score) in enumerate(sorted(baselines.get(task, {}).items())):
       ax.axhline(score, ls='--', lw=1, color=f'C{(i + 5) % 10}', label=name)
@@ -176,7 +180,7 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   for ax in axes.flat:
     for handle, label in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(label, handle)
-  ncol = min(len(handles), 2 * axes.shape[1] + 1)
+  ncol = min(len(handles), max(3, 2 * axes.shape[1] + 1))
   fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=ncol, frameon=False)
   fig.tight_layout(rect=(0, 0.06 * int(np.ceil(len(handles) / ncol)) / rows_ + 0.04, 1, 1))
   for suffix in ('png', 'pdf'):
@@ -196,6 +200,8 @@ def main(argv=None):
   parser.add_argument('--band', choices=('minmax', 'std'), default='minmax')
   parser.add_argument('--scores', type=pathlib.Path, default=SCORES, help='folder of dreamer.json, baselines.json')
   parser.add_argument('--no_paper', action='store_true', help='do not draw the published curves')
+  parser.add_argument('--hline', action='append', default=[], metavar='TASK:LABEL=VALUE',
+                      help="an extra horizontal line, e.g. 'dmc_cheetah_run:random policy=5.2'")
   args = parser.parse_args(argv)
   if args.bins <= 0:
     parser.error(f'--bins must be positive, got {args.bins}')
@@ -209,6 +215,13 @@ def main(argv=None):
   paper_runs, baselines = load_paper(args.scores)
   if args.no_paper:
     paper_runs, baselines = [], {}
+  for line in args.hline:
+    try:
+      task, rest = line.split(':', 1)
+      label, value = rest.rsplit('=', 1)
+      baselines.setdefault(task, {})[label] = float(value)
+    except ValueError:
+      parser.error(f"--hline {line}: expected TASK:LABEL=VALUE, e.g. 'dmc_cheetah_run:random policy=5.2'")
   args.outdir.mkdir(parents=True, exist_ok=True)
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)
   rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
