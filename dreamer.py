@@ -581,12 +581,12 @@ def load_dataset(directory, config):
 # Environments -------------------------------------------------------------------------------------------------------
 
 def summarize_episode(episode, config, datadir, writer, prefix, progress=None):
-  episodes, _ = tools.count_episodes(datadir)
+  episodes, transitions = tools.count_episodes(datadir)  # One scan of the folder for both numbers.
+  step = transitions * config.action_repeat
   length = (len(episode['reward']) - 1) * config.action_repeat
-  ret = float(episode['reward'].astype(np.float64).sum())
+  ret = tools.episode_return(episode)
   print(f'{prefix.title()} episode of length {length} with return {ret:.1f}.')
   metrics = [(f'{prefix}/return', ret), (f'{prefix}/length', len(episode['reward']) - 1), ('episodes', episodes)]
-  step = count_steps(datadir, config)
   if progress is not None:
     progress[f'{prefix}/return'] = ret
   with (config.logdir / 'metrics.jsonl').open('a') as f:
@@ -749,14 +749,14 @@ def evaluate(config, checkpoint):
     episodes = []
     def on_episode(episode):
       episodes.append(episode)
-      print(f'Eval episode {len(episodes)}: return {float(episode["reward"].astype(np.float64).sum()):.1f}.')
+      print(f'Eval episode {len(episodes)}: return {tools.episode_return(episode):.1f}.')
     tools.simulate(functools.partial(agent, training=False), envs, episodes=config.eval_episodes,
                    on_episode=on_episode)
   finally:
     for env in envs:
       env.close()
   episodes = episodes[:config.eval_episodes]
-  returns = [float(ep['reward'].astype(np.float64).sum()) for ep in episodes]
+  returns = [tools.episode_return(ep) for ep in episodes]
   result = dict(task=config.task, checkpoint=str(checkpoint), step=step, returns=returns,
                 mean=float(np.mean(returns)), std=float(np.std(returns)))
   tools.write_json(config.logdir / 'eval.json', result)

@@ -305,6 +305,11 @@ def save_episodes(directory, episodes):
   return filenames
 
 
+def episode_return(episode):
+  """Sum of an episode's rewards, accumulated in float64 (stored rewards may be float16)."""
+  return float(episode['reward'].astype(np.float64).sum())
+
+
 def load_episode(filename):
   with pathlib.Path(filename).open('rb') as f:
     episode = np.load(f)
