@@ -140,7 +140,8 @@ def _measure(config, agent_class, env, process_start, policy_name):
       agent.train(batch)['model_loss'].numpy()
       times.append(time.perf_counter() - start)
     result['train_step_s'] = spread(times)
-    flops = graph_flops(agent.train.get_concrete_function(data[0]).graph)
+    seed = tf.constant([config.seed, 0], tf.int64)
+    flops = graph_flops(agent._train_graph.get_concrete_function(data[0], seed).graph)
     result['gflop_per_train_step'] = sum(flops.values()) / 1e9
     result['gflop_by_op'] = {k: v / 1e9 for k, v in flops.most_common(6)}
     result['achieved_gflops'] = result['gflop_per_train_step'] / result['train_step_s']['median']

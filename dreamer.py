@@ -2,6 +2,7 @@
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -47,6 +48,8 @@ def define_config():
   config.eval_only = False  # Only evaluate the loaded checkpoint for eval_episodes episodes; writes eval.json.
   config.eval_episodes = 10
   config.benchmark = False  # Only measure speed on this machine; writes benchmark.json.
+  config.distribute = 'auto'  # none, mirrored (local devices), multi_worker (TF_CONFIG); auto picks.
+  config.cpu_devices = 0  # Split the CPU into this many logical devices (e.g. to try --distribute mirrored).
   # Environment.
   config.task = 'dmc_walker_walk'
   config.envs = 1
@@ -99,7 +102,8 @@ def define_config():
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
     dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
-    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'))
+    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
+    distribute=('auto', 'none', 'mirrored', 'multi_worker'))
 POSITIVE = ('eval_episodes', 'replay_cache_gb', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
             'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
             'worker_timeout')
@@ -120,6 +124,8 @@ def check_config(config):
   for key in POSITIVE:
     if config[key] <= 0:
       raise UserError(f'--{key} must be positive, got {config[key]}.')
+  if config.cpu_devices < 0:
+    raise UserError(f'--cpu_devices must be 0 (leave the CPU as one device) or more, got {config.cpu_devices}.')
   if config.batch_length < 2:
     raise UserError(f'--batch_length must be at least 2, got {config.batch_length}.')
   if config.eval_every < config.action_repeat:
@@ -197,9 +203,21 @@ METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss', 'div', 'expl_amount', 
 
 class Dreamer:
 
-  def __init__(self, config, datadir, actspace, writer=None, progress=None):
+  def __init__(self, config, datadir, actspace, writer=None, progress=None, strategy=None):
     """With datadir None the agent has no replay (evaluation, comparisons): its variables are created without data
-    and no train step is made. Otherwise it trains one step on a real batch, as the reference does."""
+    and no train step is made. Otherwise it trains one step on a real batch, as the reference does.
+
+    `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's batch over its replicas;
+    None trains on the default device."""
+    self._strategy = strategy or tf.distribute.get_strategy()
+    self._replicas = self._strategy.num_replicas_in_sync
+    if config.batch_size % self._replicas:
+      raise UserError(f'--batch_size {config.batch_size} does not split evenly over {self._replicas} replicas; '
+                      f'use a multiple of {self._replicas}.')
+    with self._strategy.scope():
+      self._init(config, datadir, actspace, writer, progress)
+
+  def _init(self, config, datadir, actspace, writer, progress):
     self._c = config
     self._actspace = actspace
     self._actdim = int(actspace.n if hasattr(actspace, 'n') else actspace.shape[0])
@@ -218,7 +236,12 @@ class Dreamer:
       names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
     self._metrics = {name: Mean() for name in sorted(names)}
     self._float = keras.mixed_precision.global_policy().compute_dtype
-    self._dataset = iter(load_dataset(datadir, config)) if datadir else None
+    self._dataset = None
+    if datadir:
+      make = lambda ctx: load_dataset(datadir, config, ctx.get_per_replica_batch_size(config.batch_size),
+                                      config.seed + ctx.input_pipeline_id)
+      self._dataset = iter(self._strategy.distribute_datasets_from_function(make))
+    self._updates = int(self._step.numpy()) * 1000  # Seeds the train steps' noise; differs after a resume.
     self._build_model()
 
   def __call__(self, obs, reset, state=None, training=True):
@@ -260,7 +283,7 @@ class Dreamer:
     action, state = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
     return action.numpy(), state
 
-  @tf.function
+  @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
   def _policy(self, image, reset, state, training, amount):
     latent, action = state
     mask = 1.0 - tf.cast(reset, tf.float32)[:, None]
@@ -300,9 +323,22 @@ class Dreamer:
           tf.one_hot(indices, self._actdim, dtype=action.dtype), action)
     raise NotImplementedError(self._c.expl)
 
-  @tf.function
-  def train(self, data):
-    metrics = self._train(data)
+  def train(self, data, seed=None):
+    """One update of all three parts on a batch (split over the replicas); returns the metrics as means over the
+    whole batch. `seed` [2] int64 seeds the step's sampling; by default a new one per call."""
+    if seed is None:
+      self._updates += 1
+      seed = tf.constant([self._c.seed, self._updates], tf.int64)
+    return self._train_graph(data, seed)
+
+  @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
+  def _train_graph(self, data, seed):
+    metrics = self._strategy.run(self._train, (data, seed))
+    # Scalars are means over each replica's part: their mean is the mean over the batch. Per-element metrics
+    # (entropies) are gathered, so the metric variables count the same elements as on one device.
+    rank = lambda v: self._strategy.experimental_local_results(v)[0].shape.rank
+    metrics = {k: self._strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) if rank(v) == 0
+               else self._strategy.gather(v, axis=0) for k, v in metrics.items()}
     self._skipped.assign_add(metrics['nonfinite'])
     if self._c.log_scalars:
       for name, value in metrics.items():
@@ -310,13 +346,14 @@ class Dreamer:
           self._metrics[name].update_state(value)
     return metrics
 
-  def _train(self, data):
-    """One update of the world model, the actor and the value. data: dict of [B, T, ...] float32 tensors."""
+  def _train(self, data, seed):
+    """One update of the world model, the actor and the value, in a replica context. data: dict of [B, T, ...]
+    float32 tensors, this replica's part of the batch. Returns this replica's metrics."""
     c = self._c
     # World model.
     with tf.GradientTape() as model_tape:
       embed = self._encode(data)  # [B, T, 1024]
-      post, prior = self._dynamics.observe(embed, data['action'])
+      post, prior = self._dynamics.observe(embed, data['action'], seed=tools.fold(seed, 1))
       feat = self._dynamics.get_feat(post)  # [B, T, stoch + deter]
       image_pred = self._decode(feat)
       reward_pred = self._reward(feat)
@@ -330,25 +367,19 @@ class Dreamer:
       prior_dist = self._dynamics.get_dist(prior)
       post_dist = self._dynamics.get_dist(post)
       div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+      if self._replicas > 1:  # Free nats apply to the mean over the whole batch, as on one device.
+        div = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, div)
       div = tf.maximum(div, c.free_nats)
       model_loss = c.kl_scale * div - sum(likes.values())
 
     # Behavior: imagine ahead from every posterior state.
+    value_tape = tf.GradientTape()
     with tf.GradientTape() as actor_tape:
-      imag_feat = self._imagine_ahead(post)  # [H, B*T, stoch + deter]
-      reward = self._reward(imag_feat).mode()
-      if c.pcont:
-        pcont = self._pcont(imag_feat).mean()
-      else:
-        pcont = c.discount * tf.ones_like(reward)
-      value = self._value(imag_feat).mode()
-      returns = tools.lambda_return(
-          reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=c.disclam, axis=0)
-      discount = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+      imag_feat, value_dist, returns, discount = self._behavior(post, tools.fold(seed, 2), value_tape)
       actor_loss = -tf.reduce_mean(discount * returns)
 
-    with tf.GradientTape() as value_tape:
-      value_pred = self._value(imag_feat)[:-1]
+    with value_tape:
+      value_pred = value_dist[:-1]
       target = tf.stop_gradient(returns)
       value_loss = -tf.reduce_mean(discount * value_pred.log_prob(target))
 
@@ -367,14 +398,37 @@ class Dreamer:
     metrics['nonfinite'] = skipped
     return metrics
 
-  def _imagine_ahead(self, post):
+  def _behavior(self, post, seed=None, value_tape=None):
+    """Imagines `horizon` steps from every posterior state with the actor. Returns the imagined features
+    [H, B*T, F], the value distribution on them (recorded on `value_tape` too, so one forward pass serves the
+    actor and the value loss; the reference ran it twice), the lambda-returns [H-1, B*T] and their discounts."""
+    c = self._c
+    imag_feat = self._imagine_ahead(post, seed)
+    reward = self._reward(imag_feat).mode()
+    if c.pcont:
+      pcont = self._pcont(imag_feat).mean()
+    else:
+      pcont = c.discount * tf.ones_like(reward)
+    with value_tape or contextlib.nullcontext():
+      value_dist = self._value(imag_feat)
+    value = value_dist.mode()
+    returns = tools.lambda_return(
+        reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=c.disclam, axis=0)
+    discount = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+    return imag_feat, value_dist, returns, discount
+
+  def _imagine_ahead(self, post, seed=None):
     if self._c.pcont:  # Last step could be terminal.
       post = {k: v[:, :-1] for k, v in post.items()}
     flatten = lambda x: tf.reshape(x, [-1] + list(x.shape[2:]))
     start = {k: flatten(v) for k, v in post.items()}
-    policy = lambda state: self._actor(tf.stop_gradient(self._dynamics.get_feat(state))).sample()
-    states = tools.static_scan(
-        lambda prev, _: self._dynamics.img_step(prev, policy(prev)), tf.range(self._c.horizon), start)
+
+    def step(prev, t):
+      seed_t = tools.fold(seed, t)
+      action = self._actor(tf.stop_gradient(self._dynamics.get_feat(prev))).sample(seed=tools.fold(seed_t, 2))
+      return self._dynamics.img_step(prev, action, tools.fold(seed_t, 0))
+
+    states = tools.scan(step, tf.range(self._c.horizon), start)
     return self._dynamics.get_feat(states)
 
   def _build_model(self):
@@ -463,7 +517,7 @@ class Dreamer:
 
   # Summaries --------------------------------------------------------------------------------------------------------
 
-  @tf.function
+  @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
   def _openl(self, data):
     """Video [6, T, 3 * 64, 64, 3] in [0, 1]: truth, model (5 observed steps, then open loop), error."""
     n = min(6, self._c.batch_size)
@@ -481,6 +535,7 @@ class Dreamer:
   def _log_openl(self, data):
     if self._writer is None or self._c.batch_length <= 5:
       return
+    data = self._strategy.experimental_local_results(data)[0]  # The first replica's part of the batch.
     video = self._openl(data).numpy()
     with self._writer.as_default():
       tools.video_summary('agent/openl', video, int(self._step.numpy()))
@@ -566,14 +621,16 @@ def count_steps(datadir, config):
   return tools.count_episodes(datadir)[1] * config.action_repeat
 
 
-def load_dataset(directory, config):
+def load_dataset(directory, config, batch_size=None, seed=None):
+  """Batches of [batch_size (default --batch_size), batch_length] windows drawn from the episodes on disk."""
+  seed = config.seed if seed is None else seed
   generator = lambda: tools.load_episodes(
-      directory, config.train_steps, config.batch_length, config.dataset_balance, config.seed,
+      directory, config.train_steps, config.batch_length, config.dataset_balance, seed,
       int(config.replay_cache_gb * 2 ** 30))
-  episode = next(tools.load_episodes(directory, 1, config.batch_length, seed=config.seed))
+  episode = next(tools.load_episodes(directory, 1, config.batch_length, seed=seed))
   signature = {k: tf.TensorSpec((None,) + v.shape[1:], v.dtype) for k, v in episode.items()}
   dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
-  dataset = dataset.batch(config.batch_size, drop_remainder=True)
+  dataset = dataset.batch(batch_size or config.batch_size, drop_remainder=True)
   dataset = dataset.map(functools.partial(preprocess, config=config))
   return dataset.prefetch(10)
 
@@ -621,10 +678,35 @@ def setup(config):
   if config.gpu_growth:
     for gpu in tf.config.list_physical_devices('GPU'):
       tf.config.experimental.set_memory_growth(gpu, True)
+  if config.cpu_devices:
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
   policy = resolve_precision(config)
   keras.mixed_precision.set_global_policy(policy)
   keras.utils.set_random_seed(config.seed)
   return policy
+
+
+def make_strategy(config):
+  """The tf.distribute strategy for --distribute, created before any other TensorFlow work (as
+  MultiWorkerMirroredStrategy requires). auto: multi_worker when TF_CONFIG is set, mirrored over the GPUs when
+  there are several, else none. mirrored uses all local GPUs, or all (logical, see --cpu_devices) CPUs."""
+  mode = config.distribute
+  if mode == 'auto':
+    if os.environ.get('TF_CONFIG'):
+      mode = 'multi_worker'
+    else:
+      mode = 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'none'
+  if mode == 'none':
+    return tf.distribute.get_strategy()
+  if mode == 'multi_worker':
+    if not os.environ.get('TF_CONFIG'):
+      raise UserError('--distribute multi_worker needs the TF_CONFIG environment variable (cluster and task) on '
+                      'every worker; see the README.')
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
+  return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
 def _terminate(signum, frame):
@@ -635,9 +717,17 @@ def main(config):
   check_config(config)
   signal.signal(signal.SIGTERM, _terminate)
   policy = setup(config)
+  strategy = make_strategy(config)
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
   print(f'Logdir {config.logdir}')
   print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
+  if config.batch_size % strategy.num_replicas_in_sync:
+    raise UserError(f'--batch_size {config.batch_size} does not split evenly over the '
+                    f'{strategy.num_replicas_in_sync} replicas of --distribute {config.distribute}; use a multiple '
+                    f'of {strategy.num_replicas_in_sync}.')
+  if strategy.num_replicas_in_sync > 1:
+    print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '
+          f'{config.batch_size // strategy.num_replicas_in_sync} of the {config.batch_size} sequences of a batch.')
   checkpoint = pathlib.Path(config.checkpoint).expanduser() if config.checkpoint else None
   if checkpoint or config.eval_only:
     checkpoint = checkpoint or config.logdir / 'variables.pkl'
@@ -646,7 +736,8 @@ def main(config):
     return evaluate(config, checkpoint)
   if config.benchmark:
     import benchmark
-    result = benchmark.run(config, Dreamer, make_env, policy, PROCESS_START)
+    result = benchmark.run(config, functools.partial(Dreamer, strategy=strategy), make_env, policy,
+                           PROCESS_START)
     return benchmark.report(result, config.logdir)
   datadir = config.logdir / 'episodes'
   check_resume(config, datadir)
@@ -678,7 +769,7 @@ def main(config):
     # Train and regularly evaluate the agent.
     step = count_steps(datadir, config)
     print(f'Simulating agent for {config.steps - step} steps.')
-    agent = Dreamer(config, datadir, actspace, writer, progress)
+    agent = Dreamer(config, datadir, actspace, writer, progress, strategy)
     if checkpoint is None and (config.logdir / 'variables.pkl').exists():
       checkpoint = config.logdir / 'variables.pkl'
     if checkpoint:

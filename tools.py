@@ -60,6 +60,12 @@ def args_type(default):
 
 # Scans and returns --------------------------------------------------------------------------------------------------
 
+def scan(fn, inputs, start, reverse=False):
+  """static_scan as a symbolic loop (tf.scan): the same results, but the graph holds the step once instead of once
+  per index, so tracing and graph optimization of the train step take seconds instead of half a minute."""
+  return tf.scan(fn, inputs, start, reverse=reverse)
+
+
 def static_scan(fn, inputs, start, reverse=False):
   """Unrolled scan over the leading axis of `inputs`; returns the stacked states (the start is not included)."""
   last = start
@@ -104,14 +110,45 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis):
 
 # Distributions ------------------------------------------------------------------------------------------------------
 
-def sample_normal(mean, std, shared=True):
+def fold(seed, index):
+  """A new stateless seed [2] from `seed` and an int; None stays None (stateful sampling)."""
+  if seed is None:
+    return None
+  return tf.random.experimental.stateless_fold_in(seed, index)
+
+
+def replica_noise(shape, seed, kind='normal'):
+  """Stateless noise of `shape` = [local batch, ...] for this replica's rows of the global batch.
+
+  The noise of the whole global batch is drawn from `seed` and this replica keeps its rows, so a train step split
+  over any number of replicas (which split the global batch in order) samples exactly what one device does.
+  """
+  draw = dict(normal=tf.random.stateless_normal, uniform=tf.random.stateless_uniform)[kind]
+  ctx = tf.distribute.get_replica_context()
+  replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+  if replicas == 1:
+    return draw(shape, seed)
+  local = shape[0]
+  noise = draw(tf.concat([[replicas * local], shape[1:]], 0), seed)
+  begin = tf.concat([[tf.cast(ctx.replica_id_in_sync_group, local.dtype) * local], tf.zeros_like(shape[1:])], 0)
+  return tf.slice(noise, begin, shape)
+
+
+def sample_normal(mean, std, shared=True, seed=None):
   """A sample of Normal(mean, std) over the last axis.
 
   shared=True is the reference's behaviour (it monkeypatched MultivariateNormalDiag.sample): one standard-normal
   vector of the event size is drawn and broadcast over all batch elements. shared=False draws per element.
+  With a seed [2] the draw is stateless and the same on any number of replicas (see replica_noise).
   """
   shape = tf.shape(mean)[-1:] if shared else tf.shape(mean)
-  return mean + std * tf.random.normal(shape, dtype=mean.dtype)
+  if seed is None:
+    noise = tf.random.normal(shape, dtype=mean.dtype)
+  elif shared:  # One vector for the whole batch: every replica draws the same one.
+    noise = tf.random.stateless_normal(shape, seed, dtype=mean.dtype)
+  else:
+    noise = tf.cast(replica_noise(shape, seed), mean.dtype)
+  return mean + std * noise
 
 
 class TanhBijector(tfp.bijectors.Bijector):
@@ -147,6 +184,17 @@ class SampleDist:
 
   def __getattr__(self, name):
     return getattr(self._dist, name)
+
+  def sample(self, sample_shape=(), seed=None):
+    """With a seed [2]: one reparameterized sample of the tanh-normal (Independent(Transformed(Normal))) from
+    replica_noise, so that replicas of a distributed train step draw what one device draws."""
+    if seed is None:
+      return self._dist.sample(sample_shape)
+    assert sample_shape == (), sample_shape
+    transformed = self._dist.distribution
+    normal = transformed.distribution
+    noise = replica_noise(tf.shape(normal.loc), seed)
+    return transformed.bijector.forward(normal.loc + normal.scale * tf.cast(noise, normal.loc.dtype))
 
   def mean(self):
     return tf.reduce_mean(self._dist.sample(self._samples), 0)
@@ -192,9 +240,19 @@ class OneHotDist:
   def mode(self):
     return self._one_hot(self._dist.mode())
 
-  def sample(self, amount=None):
-    amount = [amount] if amount else []
-    sample = self._one_hot(self._dist.sample(*amount))
+  def sample(self, amount=None, seed=None):
+    """With a seed [2]: a Gumbel-max draw from replica_noise (the same distribution), so that replicas of a
+    distributed train step draw what one device draws."""
+    if seed is None:
+      amount = [amount] if amount else []
+      indices = self._dist.sample(*amount)
+    else:
+      assert amount is None, amount
+      logits = self._dist.logits_parameter()
+      uniform = replica_noise(tf.shape(logits), seed, 'uniform')
+      gumbel = -tf.math.log(-tf.math.log(tf.clip_by_value(uniform, 1e-20, 1.0 - 1e-7)))
+      indices = tf.argmax(logits + tf.cast(gumbel, logits.dtype), -1)
+    sample = self._one_hot(indices)
     probs = self._dist.probs_parameter()
     return sample + tf.cast(probs - tf.stop_gradient(probs), self._dtype)
 
@@ -205,10 +263,16 @@ class OneHotDist:
 # Optimizer ----------------------------------------------------------------------------------------------------------
 
 class Optimizer:
-  """Adam over the weights of some layers, with the reference's order: unscale, global norm, clip, apply.
+  """Adam over the weights of some layers, with the reference's order: unscale, global norm, clip, weight decay,
+  apply.
 
   Under float16 the loss is scaled dynamically (LossScaleOptimizer skips non-finite steps). Clipping happens on
-  the unscaled gradients, so the update is the same as without loss scaling. Returns the unscaled global norm.
+  the unscaled gradients, so the update is the same as without loss scaling. Weight decay (decoupled, var -= lr *
+  wd * var, on the variables whose name matches `wdpattern`) is Keras's, which applies it before the Adam step.
+
+  In a replica context of N replicas each replica passes its local loss; the gradient of the global mean loss is
+  the sum over replicas of the gradients of loss / N. Its norm, the clipping and the skipping of non-finite steps
+  are computed from that sum, so N replicas update exactly as one device does.
   """
 
   def __init__(self, name, layers, lr, clip=None, wd=0.0, wdpattern=r'.*', loss_scale=False):
@@ -218,7 +282,8 @@ class Optimizer:
     self._clip = clip
     self._wd = wd
     self._wdpattern = wdpattern
-    self._opt = keras.optimizers.Adam(lr, name=f'{name}_adam')
+    self._opt = keras.optimizers.Adam(lr, weight_decay=wd or None, name=f'{name}_adam')
+    self._inner = self._opt
     if loss_scale:
       self._opt = keras.optimizers.LossScaleOptimizer(self._opt, name=f'{name}_scale')
     self._loss_scale = loss_scale
@@ -231,8 +296,16 @@ class Optimizer:
       # Names for --weight_decay_pattern, e.g. 'model/encode/h1/kernel'.
       path = lambda layer, v: v.path if v.path.startswith(layer.name + '/') else f'{layer.name}/{v.path}'
       self._names = {id(v): f'{self._name}/{path(layer, v)}' for layer in self._layers for v in layer.trainable_weights}
+      if self._wd:
+        self._inner.exclude_from_weight_decay(var_list=[
+            v for v in self._variables if not re.search(self._wdpattern, self._names[id(v)])])
       self._opt.build(self._variables)
     return self._variables
+
+  def decayed(self):
+    """Names of the variables weight decay applies to."""
+    self.variables
+    return [self._names[id(v)] for v in self._variables if self._wd and self._inner._use_weight_decay(v)]
 
   def scale(self, loss):
     return self._opt.scale_loss(loss) if self._loss_scale else loss
@@ -244,33 +317,30 @@ class Optimizer:
     """
     assert len(loss.shape) == 0, loss.shape
     variables = self.variables
+    ctx = tf.distribute.get_replica_context()
+    replicas = ctx.num_replicas_in_sync if ctx is not None else 1
     with tape:
-      scaled = self.scale(loss)
-    grads = tape.gradient(scaled, variables)
-    if self._loss_scale:
-      scale = tf.cast(self._opt.dynamic_scale, tf.float32)
-      norm = tf.linalg.global_norm(grads) / scale
-      if self._clip:  # Same as clipping the unscaled gradients, which the wrapper unscales afterwards.
-        grads, _ = tf.clip_by_global_norm(grads, self._clip * scale, norm * scale)
-    else:
-      norm = tf.linalg.global_norm(grads)
-      if self._clip:
-        grads, _ = tf.clip_by_global_norm(grads, self._clip, norm)
+      scaled = self.scale(loss / replicas if replicas > 1 else loss)
+    grads = tape.gradient(scaled, variables)  # This replica's part.
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads) if replicas > 1 else grads
+    scale = tf.cast(self._opt.dynamic_scale, tf.float32) if self._loss_scale else 1.0
+    norm = tf.linalg.global_norm(total) / scale
+    if self._clip:  # Scales every replica's part by the same factor, so their sum is the clipped total.
+      grads, _ = tf.clip_by_global_norm(grads, self._clip * scale, norm * scale)
     finite = tf.math.is_finite(norm)
-
-    def update():
-      if self._wd:
-        for var in variables:
-          if re.search(self._wdpattern, self._names[id(var)]):
-            var.assign_sub(self._lr * self._wd * var)
-      if not self._loss_scale:
-        self._opt.apply(grads, variables)
-      return tf.constant(True)
-
-    applied = tf.cond(finite, update, lambda: tf.constant(False))
     if self._loss_scale:
       self._opt.apply(grads, variables)  # Applies finite steps, skips the others and adapts the scale.
-    return norm, applied
+    elif replicas == 1:
+      tf.cond(finite, lambda: self._opt.apply(grads, variables), lambda: None)
+    else:
+      # A cond whose branch updates mirrored variables must run in the cross-replica context (as Keras's
+      # LossScaleOptimizer does); every replica computed the same `finite`.
+      def apply(strategy, grads, finite):
+        finite = strategy.experimental_local_results(finite)[0]
+        update = lambda: strategy.extended.call_for_each_replica(self._opt.apply, args=(grads, variables))
+        tf.cond(finite, update, lambda: None)
+      ctx.merge_call(apply, args=(grads, finite))
+    return norm, finite
 
 
 # Episodes on disk ---------------------------------------------------------------------------------------------------

@@ -518,3 +518,69 @@ def test_dmc_repeat_inside_matches_action_repeat_wrapper_and_renders_once():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
+
+
+def test_dmc_render_matches_physics_render_pixel_for_pixel():
+  """DeepMindControl.render (one cached Camera, an offscreen buffer of the image's size) must return exactly what
+  dm_control's own `physics.render(height, width, camera_id=...)` returns for the same state: over steps, across
+  resets, after a physics reload, and for quadruped's camera 2. Runs in a TF-free subprocess."""
+  import subprocess
+  import textwrap
+  code = textwrap.dedent('''
+      import numpy as np, wrappers
+      from dm_control import suite
+      from dm_control.suite import walker
+
+      def check(env, reference, camera, where):
+        image = env.render()
+        expected = reference.physics.render(64, 64, camera_id=camera)
+        assert image.dtype == expected.dtype == np.uint8 and image.shape == expected.shape == (64, 64, 3), where
+        assert np.array_equal(image, expected), where
+        np.testing.assert_array_equal(env._env.physics.get_state(), reference.physics.get_state(), err_msg=where)
+        return image
+
+      for task, domain, name, camera in (('walker_walk', 'walker', 'walk', 0), ('quadruped_walk', 'quadruped',
+                                                                               'walk', 2)):
+        env = wrappers.DeepMindControl(task, seed=7)
+        reference = suite.load(domain, name, task_kwargs={'random': 7})
+        rng = np.random.RandomState(0)
+        spec = reference.action_spec()
+        images, cameras = [], set()
+        for episode in range(2):
+          obs = env.reset()
+          reference.reset()
+          first = check(env, reference, camera, (task, episode, 'reset'))
+          assert np.array_equal(obs['image'], first), (task, episode)
+          for step in range(8):
+            action = rng.uniform(spec.minimum, spec.maximum)
+            env._env.step(action)
+            reference.step(action)
+            image = check(env, reference, camera, (task, episode, step))
+            images.append((image, image.copy()))
+            cameras.add(id(env._view[3]))
+        assert len(cameras) == 1, 'the camera should be made once and reused'
+        assert env._env.physics.model.vis.global_.offwidth == 64
+        # Returned images are copies: later renders do not overwrite them.
+        assert len({image.tobytes() for image, _ in images}) > 1
+        for index, (image, snapshot) in enumerate(images):
+          assert np.array_equal(image, snapshot), index
+        if domain == 'walker':
+          # A reloaded physics (new model and GL context) gets a new camera and still renders the same pixels.
+          for physics in (env._env.physics, reference.physics):
+            physics.reload_from_xml_string(*walker.get_model_and_assets())
+          old = env._view[3]
+          env.reset()
+          reference.reset()
+          for step in range(3):
+            action = rng.uniform(spec.minimum, spec.maximum)
+            env._env.step(action)
+            reference.step(action)
+            check(env, reference, camera, (task, 'reloaded', step))
+          assert env._view[3] is not old
+          assert env._env.physics.model.vis.global_.offwidth == 64
+        env.close()
+      print('OK')
+  ''')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,60 @@
+"""Runs a few train steps of a tiny agent on fixed batches and seeds; writes its weights and metrics to an npz.
+
+  python tests/distribute_run.py OUT.npz INIT.pkl EPISODES [dreamer flags]
+
+With INIT.pkl missing the agent saves its initial weights there first. Run once on one device and again with
+`--distribute mirrored --cpu_devices 2` or as each worker of a TF_CONFIG cluster: the weights must agree.
+"""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+import wrappers  # noqa: E402
+
+STEPS = 3
+
+
+def main(out, init, episodes, argv):
+  config = dreamer.parse_args(['--logdir', str(pathlib.Path(out).parent)] + argv)
+  dreamer.setup(config)
+  strategy = dreamer.make_strategy(config)
+  agent = dreamer.Dreamer(config, None, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
+  init = pathlib.Path(init)
+  if init.exists():
+    agent.load(init)
+  else:
+    agent.save(init)
+  # The same global batches for every run: the first windows of the episodes, in order.
+  batches = []
+  stream = tools.load_episodes(pathlib.Path(episodes), 1, config.batch_length, seed=0)
+  for _ in range(STEPS):
+    rows = [next(stream) for _ in range(config.batch_size)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batches.append(dreamer.preprocess({k: tf.constant(v) for k, v in batch.items()}, config))
+  replicas = strategy.num_replicas_in_sync
+  per = config.batch_size // replicas
+  metrics = []
+  for index, batch in enumerate(batches):
+    part = lambda ctx, batch=batch: {
+        k: v[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1) * per] for k, v in batch.items()}
+    data = strategy.experimental_distribute_values_from_function(part)
+    result = agent.train(data, tf.constant([7, index], tf.int64))
+    metrics.append({k: float(np.mean(v)) for k, v in result.items()})
+  weights = [v.numpy() for _, v in agent.checkpoint_table()]
+  names = [n for n, _ in agent.checkpoint_table()]
+  np.savez(out, names=np.array(names), replicas=replicas,
+           metrics=np.array([[m[k] for k in sorted(m)] for m in metrics]), metric_names=np.array(sorted(metrics[0])),
+           **{f'w{i}': w for i, w in enumerate(weights)})
+  print(f'{replicas} replicas: model_loss {[round(m["model_loss"], 4) for m in metrics]}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
