@@ -50,9 +50,17 @@ def _size(shape):
 def graph_flops(graph):
   """FLOPs of one call of a traced function, by op type. Convolutions count 2 * filter size per output position
   of the forward convolution (also for their gradients and transposed convolutions); other ops use TF's
-  registered statistics (matmuls 2 m k n)."""
+  registered statistics (matmuls 2 m k n). The body of a loop (the RSSM's tf.scan and its gradient) counts once
+  per iteration: its trip count is the loop's constant maximum_iterations."""
   flops = collections.Counter()
   for op in _live_ops(graph):
+    if op.type in ('While', 'StatelessWhile'):
+      trips = tf.get_static_value(op.inputs[1])
+      body = graph._get_function(op.get_attr('body').name).graph
+      if trips is None:
+        raise ValueError(f'Cannot count the FLOPs of loop {op.name}: its trip count is not a constant.')
+      flops.update({k: int(trips) * v for k, v in graph_flops(body).items()})
+      continue
     if op.type == 'Conv2D':
       value = 2 * _size(op.inputs[1].shape) * _size(op.outputs[0].shape[:-1])
     elif op.type == 'Conv2DBackpropInput':

@@ -39,6 +39,23 @@ def test_graph_flops_counts_convolutions_their_gradients_and_matmuls():
   assert flops['MatMul'] == 3 * matmul  # Forward, and the gradients for the weight and for x.
 
 
+def test_graph_flops_counts_a_loop_body_once_per_iteration():
+  weight = tf.Variable(tf.random.normal((4, 4)))
+
+  @tf.function
+  def step(inputs):  # [7, 2, 4]
+    with tf.GradientTape() as tape:
+      states = tf.scan(lambda state, x: tf.matmul(state + x, weight), inputs, tf.zeros((2, 4)))
+      loss = tf.reduce_sum(states)
+    weight.assign_sub(0.1 * tape.gradient(loss, weight))
+    return loss
+
+  flops = benchmark.graph_flops(step.get_concrete_function(tf.zeros((7, 2, 4))).graph)
+  matmul = 2 * 2 * 4 * 4
+  # Per iteration: the forward matmul, and in the gradient loop the gradients for the weight and for the state.
+  assert flops['MatMul'] == 7 * 3 * matmul, flops
+
+
 def test_benchmark_command_writes_its_json(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(tmp_path), '--benchmark', 'True',
