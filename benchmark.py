@@ -77,6 +77,41 @@ def graph_flops(graph):
   return flops
 
 
+def op_profile(run_step):
+  """Runs `run_step` once under TensorFlow's profiler. Returns the op time in ms by op kind and by part of the
+  network (the op's first name scope, `grad ` in front for gradient ops), largest first. Op times are summed over
+  the threads that ran ops concurrently, so their total exceeds the step's wall time."""
+  from tensorflow.python.profiler import profiler_v2 as profiler
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  with tempfile.TemporaryDirectory() as logdir:
+    profiler.start(logdir)
+    try:
+      run_step()
+    finally:
+      profiler.stop()
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(next(pathlib.Path(logdir).rglob('*.xplane.pb')).read_bytes())
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  for plane in space.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name = plane.event_metadata[event.metadata_id].name
+        if ':' not in name or ' ' in name or '::' in name:  # TF ops are 'scope/op:Kind'; skip the executor's events.
+          continue
+        op, kind = name.rsplit(':', 1)
+        ms = event.duration_ps / 1e9
+        by_kind[kind.replace('_MklNative', '').replace('_Mkl', '')] += ms
+        parts = op.split('/')
+        grad = parts[0] == 'gradient_tape' and len(parts) > 1
+        part = parts[1] if grad else parts[0]
+        part = part.split('CONSTRUCTED_AT_')[-1]  # A TFP distribution's ops count for the layer that made it.
+        base, _, suffix = part.rpartition('_')
+        part = base if base and suffix.isdigit() else part
+        by_part[('grad ' if grad else '') + part] += ms
+  top = lambda counter: {k: round(v, 1) for k, v in counter.most_common(12)}
+  return top(by_kind), top(by_part)
+
+
 def peak_gflops(dtype, size=2048, repeats=10):
   """Rate of a large square matmul in `dtype` on this device."""
   a = tf.random.normal((size, size), dtype=tf.float32)
@@ -153,6 +188,11 @@ def _measure(config, agent_class, env, process_start, policy_name):
     result['gflop_per_train_step'] = sum(flops.values()) / 1e9
     result['gflop_by_op'] = {k: v / 1e9 for k, v in flops.most_common(6)}
     result['achieved_gflops'] = result['gflop_per_train_step'] / result['train_step_s']['median']
+    try:
+      by_kind, by_part = op_profile(lambda: agent.train(data[1])['model_loss'].numpy())
+      result['op_ms_by_kind'], result['op_ms_by_part'] = by_kind, by_part
+    except Exception as e:  # The profile is extra information; the measurements stand without it.
+      print(f'No op profile: {e}')
     compute = tf.bfloat16 if 'bfloat16' in policy_name else tf.float16 if 'float16' in policy_name else tf.float32
     result['peak_gflops'] = peak_gflops(compute)
 

@@ -428,7 +428,8 @@ class Dreamer:
       action = self._actor(tf.stop_gradient(self._dynamics.get_feat(prev))).sample(seed=tools.fold(seed_t, 2))
       return self._dynamics.img_step(prev, action, tools.fold(seed_t, 0))
 
-    states = tools.scan(step, tf.range(self._c.horizon), start)
+    with tf.name_scope('imagine'):  # Names the loop's ops in profiles.
+      states = tools.scan(step, tf.range(self._c.horizon), start)
     return self._dynamics.get_feat(states)
 
   def _build_model(self):

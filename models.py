@@ -54,9 +54,10 @@ class RSSM(keras.layers.Layer):
     embed = tf.transpose(embed, [1, 0, 2])
     action = tf.transpose(action, [1, 0, 2])
     steps = tf.range(tf.shape(action)[0])
-    post, prior = tools.scan(
-        lambda prev, inputs: self.obs_step(prev[0], inputs[0], inputs[1], tools.fold(seed, inputs[2])),
-        (action, embed, steps), (state, state))
+    with tf.name_scope('observe'):  # Names the loop's ops in profiles.
+      post, prior = tools.scan(
+          lambda prev, inputs: self.obs_step(prev[0], inputs[0], inputs[1], tools.fold(seed, inputs[2])),
+          (action, embed, steps), (state, state))
     post = {k: tf.transpose(v, [1, 0, 2]) for k, v in post.items()}
     prior = {k: tf.transpose(v, [1, 0, 2]) for k, v in prior.items()}
     return post, prior

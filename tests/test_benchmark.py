@@ -70,5 +70,10 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1
   assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])
   assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
+  # The op-level profile names the network's parts and the kinds of ops that ran.
+  assert any('Conv2D' in kind for kind in data['op_ms_by_kind']), data['op_ms_by_kind']
+  parts = data['op_ms_by_part']
+  assert {'encode', 'decode', 'grad encode', 'grad decode'} <= set(parts), parts
+  assert all(ms > 0 for ms in parts.values())
   assert 'train_step_s' in result.stdout and 'Wrote' in result.stdout
   assert not (tmp_path / 'episodes').exists()
