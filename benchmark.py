@@ -175,12 +175,13 @@ def _measure(config, agent_class, env, process_start, policy_name):
     agent = agent_class(config, datadir, space)  # Builds and makes the first train step (tracing included).
     result['first_train_step_s'] = time.perf_counter() - start
     result['first_train_step_since_process_start_s'] = time.perf_counter() - process_start
-    data = [next(agent._dataset) for _ in range(8)]
-    agent.train(data[0])['model_loss'].numpy()  # Warm-up.
-    times = []
-    for batch in data[1:]:
-      start = time.perf_counter()
+    data = [next(agent._dataset) for _ in range(2)]
+    for batch in data:  # Warm-up; meanwhile the input pipeline fills its prefetch buffer.
       agent.train(batch)['model_loss'].numpy()
+    times = []
+    for _ in range(9):  # Steady state: each step takes a batch and the pipeline makes the next one alongside.
+      start = time.perf_counter()
+      agent.train(next(agent._dataset))['model_loss'].numpy()
       times.append(time.perf_counter() - start)
     result['train_step_s'] = spread(times)
     seed = tf.constant([config.seed, 0], tf.int64)
