@@ -302,11 +302,6 @@ class Optimizer:
       self._opt.build(self._variables)
     return self._variables
 
-  def decayed(self):
-    """Names of the variables weight decay applies to."""
-    self.variables
-    return [self._names[id(v)] for v in self._variables if self._wd and self._inner._use_weight_decay(v)]
-
   def scale(self, loss):
     return self._opt.scale_loss(loss) if self._loss_scale else loss
 
