@@ -49,7 +49,7 @@ def define_config():
   config.eval_episodes = 10
   config.benchmark = False  # Only measure speed on this machine; writes benchmark.json.
   config.distribute = 'auto'  # none, mirrored (local devices), multi_worker (TF_CONFIG); auto picks.
-  config.cpu_devices = 0  # Split the CPU into this many logical devices (e.g. to try --distribute mirrored).
+  config.cpu_devices = 0  # Split the CPU into logical devices (to try --distribute mirrored without GPUs).
   # Environment.
   config.task = 'dmc_walker_walk'
   config.envs = 1
@@ -656,9 +656,10 @@ def summarize_episode(episode, config, datadir, writer, prefix, progress=None):
         tools.video_summary(f'sim/{prefix}/video', episode['image'][None], step)
 
 
-def make_env(config, prefix, index):
-  """An environment in its own worker process; `prefix` is train or test, `index` its number."""
-  seed = config.seed * 1000 + (0 if prefix == 'train' else 500) + index
+def make_env(config, prefix, index, worker=0):
+  """An environment in its own worker process; `prefix` is train or test, `index` its number, `worker` the task
+  index of a multi-worker run (so that workers collect different episodes)."""
+  seed = 10 ** 6 * worker + config.seed * 1000 + (0 if prefix == 'train' else 500) + index
   kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
                 precision=config.precision, seed=seed)
   return wrappers.Async(f'{config.task} {prefix} {index}', kwargs, config.parallel, config.worker_timeout)
@@ -726,6 +727,9 @@ def main(config):
     raise UserError(f'--batch_size {config.batch_size} does not split evenly over the '
                     f'{strategy.num_replicas_in_sync} replicas of --distribute {config.distribute}; use a multiple '
                     f'of {strategy.num_replicas_in_sync}.')
+  worker = 0  # This process's task index in a multi-worker run: its environments get their own seeds.
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    worker = strategy.cluster_resolver.task_id
   if strategy.num_replicas_in_sync > 1:
     print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '
           f'{config.batch_size // strategy.num_replicas_in_sync} of the {config.batch_size} sequences of a batch.')
@@ -750,10 +754,10 @@ def main(config):
   train_envs, test_envs = [], []
   try:
     for i in range(config.envs):
-      train_envs.append(make_env(config, 'train', i))
-      test_envs.append(make_env(config, 'test', i))
+      train_envs.append(make_env(config, 'train', i, worker))
+      test_envs.append(make_env(config, 'test', i, worker))
     actspace = train_envs[0].action_space
-    actspace.seed(config.seed)
+    actspace.seed(config.seed + 10 ** 6 * worker)
     tools.write_json(config.logdir / 'config.json', dict(config))  # Once the task is known to exist.
     on_train = lambda ep: (tools.save_episodes(datadir, [ep]),
                            summarize_episode(ep, config, datadir, writer, 'train', progress))

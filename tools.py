@@ -278,7 +278,6 @@ class Optimizer:
   def __init__(self, name, layers, lr, clip=None, wd=0.0, wdpattern=r'.*', loss_scale=False):
     self._name = name
     self._layers = layers
-    self._lr = lr
     self._clip = clip
     self._wd = wd
     self._wdpattern = wdpattern
@@ -324,8 +323,12 @@ class Optimizer:
       grads, _ = tf.clip_by_global_norm(grads, self._clip * scale, norm * scale)
     finite = tf.math.is_finite(norm)
     if self._loss_scale:
+      # The loss scaler decides on the gradients it is given, under a strategy from the first replica's part only.
+      # Turning every part into NaN when the sum is not finite (x 1 otherwise, exact) makes every replica decide
+      # as the sum does.
+      grads = [g * tf.cast(tf.where(finite, 1.0, np.nan), g.dtype) for g in grads]
       self._opt.apply(grads, variables)  # Applies finite steps, skips the others and adapts the scale.
-    elif replicas == 1:
+    elif not tf.distribute.has_strategy():
       tf.cond(finite, lambda: self._opt.apply(grads, variables), lambda: None)
     else:
       # A cond whose branch updates mirrored variables must run in the cross-replica context (as Keras's

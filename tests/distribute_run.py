@@ -6,12 +6,14 @@ With INIT.pkl missing the agent saves its initial weights there first. Run once 
 `--distribute mirrored --cpu_devices 2` or as each worker of a TF_CONFIG cluster: the weights must agree.
 """
 
+import os
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -23,9 +25,13 @@ STEPS = 3
 
 
 def main(out, init, episodes, argv):
+  """Environment: FLOAT16=1 forces mixed_float16 (the GPU policy, with loss scaling) on the CPU; NAN_STEP=i puts
+  NaN images in the second half of batch i, which belongs to the second replica when there are two."""
   config = dreamer.parse_args(['--logdir', str(pathlib.Path(out).parent)] + argv)
   dreamer.setup(config)
   strategy = dreamer.make_strategy(config)
+  if os.environ.get('FLOAT16'):
+    keras.mixed_precision.set_global_policy('mixed_float16')
   agent = dreamer.Dreamer(config, None, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
   init = pathlib.Path(init)
   if init.exists():
@@ -38,6 +44,9 @@ def main(out, init, episodes, argv):
   for _ in range(STEPS):
     rows = [next(stream) for _ in range(config.batch_size)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if os.environ.get('NAN_STEP') == str(len(batches)):
+      batch['image'] = batch['image'].astype(np.float32)
+      batch['image'][config.batch_size // 2:] = np.nan
     batches.append(dreamer.preprocess({k: tf.constant(v) for k, v in batch.items()}, config))
   replicas = strategy.num_replicas_in_sync
   per = config.batch_size // replicas
