@@ -211,9 +211,7 @@ class Dreamer:
     None trains on the default device."""
     self._strategy = strategy or tf.distribute.get_strategy()
     self._replicas = self._strategy.num_replicas_in_sync
-    if config.batch_size % self._replicas:
-      raise UserError(f'--batch_size {config.batch_size} does not split evenly over {self._replicas} replicas; '
-                      f'use a multiple of {self._replicas}.')
+    check_replicas(config, self._replicas)
     with self._strategy.scope():
       self._init(config, datadir, actspace, writer, progress)
 
@@ -711,6 +709,12 @@ def make_strategy(config):
   return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
+def check_replicas(config, replicas):
+  if config.batch_size % replicas:
+    raise UserError(f'--batch_size {config.batch_size} does not split evenly over the {replicas} replicas of '
+                    f'--distribute {config.distribute}; use a multiple of {replicas}.')
+
+
 def _terminate(signum, frame):
   raise KeyboardInterrupt
 
@@ -723,10 +727,7 @@ def main(config):
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
   print(f'Logdir {config.logdir}')
   print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
-  if config.batch_size % strategy.num_replicas_in_sync:
-    raise UserError(f'--batch_size {config.batch_size} does not split evenly over the '
-                    f'{strategy.num_replicas_in_sync} replicas of --distribute {config.distribute}; use a multiple '
-                    f'of {strategy.num_replicas_in_sync}.')
+  check_replicas(config, strategy.num_replicas_in_sync)  # Before any environment starts.
   worker = 0  # This process's task index in a multi-worker run: its environments get their own seeds.
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     worker = strategy.cluster_resolver.task_id
