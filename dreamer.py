@@ -329,9 +329,15 @@ class Dreamer:
       seed = tf.constant([self._c.seed, self._updates], tf.int64)
     return self._train_graph(data, seed)
 
+  def train_probe(self, data, seed=tools.ZERO_NOISE):
+    """The same update as `train` (it changes the weights), traced with extra outputs for comparisons with the
+    reference: besides the metrics, `grad/<opt>/<i>` (each optimizer's gradients before clipping, in the order of
+    its `variables`) and `inter/<name>` (the step's intermediates). By default noise-free (tools.ZERO_NOISE)."""
+    return self._train_graph(data, seed, probe=True)
+
   @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
-  def _train_graph(self, data, seed):
-    metrics = self._strategy.run(self._train, (data, seed))
+  def _train_graph(self, data, seed, probe=False):
+    metrics = self._strategy.run(functools.partial(self._train, probe=probe), (data, seed))
     # Scalars are means over each replica's part: their mean is the mean over the batch. Per-element metrics
     # (entropies) are gathered, so the metric variables count the same elements as on one device.
     rank = lambda v: self._strategy.experimental_local_results(v)[0].shape.rank
@@ -344,9 +350,10 @@ class Dreamer:
           self._metrics[name].update_state(value)
     return metrics
 
-  def _train(self, data, seed):
+  def _train(self, data, seed, probe=False):
     """One update of the world model, the actor and the value, in a replica context. data: dict of [B, T, ...]
-    float32 tensors, this replica's part of the batch. Returns this replica's metrics."""
+    float32 tensors, this replica's part of the batch. Returns this replica's metrics (with `probe`, also the
+    gradients and intermediates that train_probe describes)."""
     c = self._c
     # World model.
     with tf.GradientTape() as model_tape:
@@ -373,20 +380,22 @@ class Dreamer:
     # Behavior: imagine ahead from every posterior state.
     value_tape = tf.GradientTape()
     with tf.GradientTape() as actor_tape:
-      imag_feat, value_dist, returns, discount = self._behavior(post, tools.fold(seed, 2), value_tape)
-      actor_loss = -tf.reduce_mean(discount * returns)
+      imag = self._behavior(post, tools.fold(seed, 2), value_tape)
+      actor_loss = -tf.reduce_mean(imag['weights'] * imag['returns'])
 
     with value_tape:
-      value_pred = value_dist[:-1]
-      target = tf.stop_gradient(returns)
-      value_loss = -tf.reduce_mean(discount * value_pred.log_prob(target))
+      value_pred = imag['value_dist'][:-1]
+      target = tf.stop_gradient(imag['returns'])
+      value_loss = -tf.reduce_mean(imag['weights'] * value_pred.log_prob(target))
 
-    model_norm, model_ok = self._model_opt(model_tape, model_loss)
-    actor_norm, actor_ok = self._actor_opt(actor_tape, actor_loss)
-    value_norm, value_ok = self._value_opt(value_tape, value_loss)
+    model_norm, model_ok, model_grads = self._model_opt(model_tape, model_loss)
+    actor_norm, actor_ok, actor_grads = self._actor_opt(actor_tape, actor_loss)
+    value_norm, value_ok, value_grads = self._value_opt(value_tape, value_loss)
     # 1 when an optimizer skipped its update because of non-finite gradients (not a checkpointed metric).
     skipped = 1 - tf.cast(model_ok & actor_ok & value_ok, tf.float32)
 
+    # After the updates (automatic control dependencies order the reads): the updated actor's entropy, as the
+    # reference computed it in its summaries after the three optimizers ran.
     metrics = dict(
         model_grad_norm=model_norm, value_grad_norm=value_norm, actor_grad_norm=actor_norm,
         prior_ent=prior_dist.entropy(), post_ent=post_dist.entropy(), div=div, model_loss=model_loss,
@@ -394,12 +403,23 @@ class Dreamer:
     for name, logprob in likes.items():
       metrics[name + '_loss'] = -logprob
     metrics['nonfinite'] = skipped
+    if probe:
+      for opt, grads in (('model', model_grads), ('actor', actor_grads), ('value', value_grads)):
+        metrics.update({f'grad/{opt}/{i}': g for i, g in enumerate(grads)})
+      metrics['inter/embed'] = embed
+      metrics.update({f'inter/post_{k}': v for k, v in post.items()})
+      metrics.update({f'inter/prior_{k}': v for k, v in prior.items()})
+      names = ('imag_feat', 'lambda_reward', 'lambda_value', 'lambda_pcont', 'lambda_bootstrap')
+      metrics.update({f'inter/{k}': imag[k] for k in names})
+      metrics['inter/lambda_returns'] = imag['returns']
     return metrics
 
   def _behavior(self, post, seed=None, value_tape=None):
-    """Imagines `horizon` steps from every posterior state with the actor. Returns the imagined features
-    [H, B*T, F], the value distribution on them (recorded on `value_tape` too, so one forward pass serves the
-    actor and the value loss; the reference ran it twice), the lambda-returns [H-1, B*T] and their discounts."""
+    """Imagines `horizon` steps from every posterior state with the actor. Returns a dict: `imag_feat` [H, N, F]
+    (N = B*T starts, B*(T-1) with pcont), `value_dist` on them (recorded on `value_tape` too, so one forward pass
+    serves the actor and the value loss; the reference ran it twice), the lambda-return's arguments
+    `lambda_reward`, `lambda_value`, `lambda_pcont` [H-1, N] and `lambda_bootstrap` [N], the `returns` [H-1, N]
+    and their discount `weights` [H-1, N] (no gradient)."""
     c = self._c
     imag_feat = self._imagine_ahead(post, seed)
     reward = self._reward(imag_feat).mode()
@@ -410,10 +430,13 @@ class Dreamer:
     with value_tape or contextlib.nullcontext():
       value_dist = self._value(imag_feat)
     value = value_dist.mode()
-    returns = tools.lambda_return(
-        reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=c.disclam, axis=0)
-    discount = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
-    return imag_feat, value_dist, returns, discount
+    imag = dict(imag_feat=imag_feat, value_dist=value_dist, lambda_reward=reward[:-1], lambda_value=value[:-1],
+                lambda_pcont=pcont[:-1], lambda_bootstrap=value[-1])
+    imag['returns'] = tools.lambda_return(
+        imag['lambda_reward'], imag['lambda_value'], imag['lambda_pcont'], bootstrap=imag['lambda_bootstrap'],
+        lambda_=c.disclam, axis=0)
+    imag['weights'] = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+    return imag
 
   def _imagine_ahead(self, post, seed=None):
     if self._c.pcont:  # Last step could be terminal.

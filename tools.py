@@ -110,10 +110,22 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis):
 
 # Distributions ------------------------------------------------------------------------------------------------------
 
+class _ZeroNoise:
+  """The seed of a noise-free train step: every draw takes its noise-free value at the draw (an RSSM sample is
+  its mean, a tanh-normal action tanh(loc), a one-hot action the argmax with its straight-through term), so two
+  implementations of the step can agree to float rounding (compare.py, tests/test_train_step.py)."""
+
+  def __repr__(self):
+    return 'ZERO_NOISE'
+
+
+ZERO_NOISE = _ZeroNoise()
+
+
 def fold(seed, index):
-  """A new stateless seed [2] from `seed` and an int; None stays None (stateful sampling)."""
-  if seed is None:
-    return None
+  """A new stateless seed [2] from `seed` and an int; None (stateful sampling) and ZERO_NOISE stay as they are."""
+  if seed is None or seed is ZERO_NOISE:
+    return seed
   return tf.random.experimental.stateless_fold_in(seed, index)
 
 
@@ -123,6 +135,9 @@ def replica_noise(shape, seed, kind='normal'):
   The noise of the whole global batch is drawn from `seed` and this replica keeps its rows, so a train step split
   over any number of replicas (which split the global batch in order) samples exactly what one device does.
   """
+  if seed is ZERO_NOISE:  # The noise-free value of a normal draw; a uniform one is only drawn for Gumbel noise.
+    assert kind == 'normal', kind
+    return tf.zeros(shape)
   draw = dict(normal=tf.random.stateless_normal, uniform=tf.random.stateless_uniform)[kind]
   ctx = tf.distribute.get_replica_context()
   replicas = ctx.num_replicas_in_sync if ctx is not None else 1
@@ -144,6 +159,8 @@ def sample_normal(mean, std, shared=True, seed=None):
   shape = tf.shape(mean)[-1:] if shared else tf.shape(mean)
   if seed is None:
     noise = tf.random.normal(shape, dtype=mean.dtype)
+  elif seed is ZERO_NOISE:  # The sample is the mean; std still enters (times 0), as in the reference's N * std + mean.
+    noise = tf.zeros(shape, mean.dtype)
   elif shared:  # One vector for the whole batch: every replica draws the same one.
     noise = tf.random.stateless_normal(shape, seed, dtype=mean.dtype)
   else:
@@ -249,9 +266,12 @@ class OneHotDist:
     else:
       assert amount is None, amount
       logits = self._dist.logits_parameter()
-      uniform = replica_noise(tf.shape(logits), seed, 'uniform')
-      gumbel = -tf.math.log(-tf.math.log(tf.clip_by_value(uniform, 1e-20, 1.0 - 1e-7)))
-      indices = tf.argmax(logits + tf.cast(gumbel, logits.dtype), -1)
+      if seed is ZERO_NOISE:  # Gumbel noise 0: the most likely action.
+        indices = tf.argmax(logits, -1)
+      else:
+        uniform = replica_noise(tf.shape(logits), seed, 'uniform')
+        gumbel = -tf.math.log(-tf.math.log(tf.clip_by_value(uniform, 1e-20, 1.0 - 1e-7)))
+        indices = tf.argmax(logits + tf.cast(gumbel, logits.dtype), -1)
     sample = self._one_hot(indices)
     probs = self._dist.probs_parameter()
     return sample + tf.cast(probs - tf.stop_gradient(probs), self._dtype)
@@ -305,7 +325,8 @@ class Optimizer:
     return self._opt.scale_loss(loss) if self._loss_scale else loss
 
   def __call__(self, tape, loss):
-    """Returns the unscaled global gradient norm and whether the update was applied.
+    """Returns the unscaled global gradient norm, whether the update was applied, and the unscaled gradients of
+    the global loss before clipping (in the order of `variables`; for comparisons, pruned from the train step).
 
     A step whose gradients are not all finite is skipped (under float16 the loss scaler also lowers its scale).
     """
@@ -338,7 +359,9 @@ class Optimizer:
         update = lambda: strategy.extended.call_for_each_replica(self._opt.apply, args=(grads, variables))
         tf.cond(finite, update, lambda: None)
       ctx.merge_call(apply, args=(grads, finite))
-    return norm, finite
+    if self._loss_scale:
+      total = [g / tf.cast(scale, g.dtype) for g in total]
+    return norm, finite, total
 
 
 # Episodes on disk ---------------------------------------------------------------------------------------------------

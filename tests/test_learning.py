@@ -41,8 +41,8 @@ def imagined_return(agent, data):
   imagined trajectories from every posterior state of `data`."""
   seed = tf.constant([123, 4], tf.int64)
   post, _ = agent._dynamics.observe(agent._encode(data), data['action'], seed=seed)
-  _, _, returns, discount = agent._behavior(post, seed)
-  return float(tf.reduce_mean(discount * returns))
+  imag = agent._behavior(post, seed)
+  return float(tf.reduce_mean(imag['weights'] * imag['returns']))
 
 
 @pytest.mark.parametrize('seed', [0, 1])
