@@ -60,6 +60,7 @@ def define_config():
   config.eval_noise = 0.0
   config.clip_rewards = 'none'
   config.worker_timeout = 120.0  # Seconds an environment worker may take to answer one call.
+  config.life_done = 'train'  # Atari: a lost life ends train episodes only (the paper's code), both, or never.
   # Model.
   config.deter_size = 200
   config.stoch_size = 30
@@ -103,7 +104,7 @@ CHOICES = dict(
     precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
     dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
-    distribute=('auto', 'none', 'mirrored', 'multi_worker'))
+    distribute=('auto', 'none', 'mirrored', 'multi_worker'), life_done=('train', 'both', 'never'))
 POSITIVE = ('eval_episodes', 'replay_cache_gb', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
             'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
             'worker_timeout')
@@ -658,8 +659,10 @@ def make_env(config, prefix, index, worker=0):
   """An environment in its own worker process; `prefix` is train or test, `index` its number, `worker` the task
   index of a multi-worker run (so that workers collect different episodes)."""
   seed = 10 ** 6 * worker + config.seed * 1000 + (0 if prefix == 'train' else 500) + index
+  # With 'train', evaluation plays whole games, so test returns compare with the paper's.
+  life_done = config.life_done == 'both' or (config.life_done == 'train' and prefix == 'train')
   kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
-                precision=config.precision, seed=seed)
+                precision=config.precision, seed=seed, life_done=life_done)
   return wrappers.Async(f'{config.task} {prefix} {index}', kwargs, config.parallel, config.worker_timeout)
 
 

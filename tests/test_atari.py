@@ -329,6 +329,42 @@ def test_async_breakout_life_loss_is_terminal():
     env.close()
 
 
+def play_until_done(env, space, steps=5000):
+  """Random actions until the episode ends; returns the lives counter after every step and the last info."""
+  env.reset()
+  lives = [env.call('__getattr__', 'lives')]
+  for _ in range(steps):
+    _, _, done, info = env.step(space.sample())
+    lives.append(env.call('__getattr__', 'lives'))
+    if done:
+      return lives, info
+  raise AssertionError(f'no episode end in {steps} steps')
+
+
+@pytest.mark.parametrize('life_done', [None, 'both', 'never'], ids=['default', 'both', 'never'])
+def test_lost_life_ends_episodes_as_life_done_says(life_done):
+  """The environments dreamer.py makes for atari_breakout (5 lives): by default (the paper's 'train'), a training
+  episode ends at the first lost life while an evaluation episode plays on to game over."""
+  import dreamer
+  config = dreamer.parse_args(['--task', 'atari_breakout'] + (['--life_done', life_done] if life_done else []))
+  ends_on_life = {None: dict(train=True, test=False), 'both': dict(train=True, test=True),
+                  'never': dict(train=False, test=False)}[life_done]
+  for prefix in ('train', 'test'):
+    env = dreamer.make_env(config, prefix, 0)
+    try:
+      space = env.action_space
+      space.seed(0)
+      lives, info = play_until_done(env, space)
+      assert lives[0] == 5 and info['discount'] == 0
+      if ends_on_life[prefix]:
+        assert lives[-1] == 4 and lives[:-1] == [5] * (len(lives) - 1), (prefix, lives)
+      else:  # Goes on past the first lost life, to game over.
+        assert lives[-1] == 0 and len(set(lives)) == 6, (prefix, sorted(set(lives)))
+        assert lives.index(4) < len(lives) - 1
+    finally:
+      env.close()
+
+
 def test_async_unknown_game():
   with pytest.raises(wrappers.TaskError, match="Unknown Atari game 'pongg'.*atari_pong"):
     wrappers.Async('pongg', dict(PONG, task='atari_pongg'))
