@@ -46,7 +46,7 @@ def build_agent(directory, refs):
   import keras
   keras.mixed_precision.set_global_policy('float32')
   actdim = refs['in/prev_action'].shape[-1]
-  actspace = spaces.Discrete(actdim) if config.action_dist == 'onehot' else spaces.Box(-1, 1, (actdim,))
+  actspace = spaces.Discrete(actdim) if config.action_dist in dreamer.ONEHOT else spaces.Box(-1, 1, (actdim,))
   agent = dreamer.Dreamer(config, None, actspace)
   agent.load(directory / 'variables.pkl')
   return agent, config
