@@ -54,8 +54,7 @@ def build_agent(config, actdim, checkpoint):
   """A float32 agent for `config` with fresh optimizers, loaded from `checkpoint`."""
   import keras
   keras.mixed_precision.set_global_policy('float32')
-  discrete = config.action_dist == 'onehot'
-  actspace = spaces.Discrete(actdim) if discrete else spaces.Box(-1, 1, (actdim,))
+  actspace = spaces.Discrete(actdim) if config.action_dist in dreamer.ONEHOT else spaces.Box(-1, 1, (actdim,))
   agent = dreamer.Dreamer(config, None, actspace)
   agent.load(checkpoint)
   return agent

@@ -60,6 +60,7 @@ def define_config():
   config.eval_noise = 0.0
   config.clip_rewards = 'none'
   config.worker_timeout = 120.0  # Seconds an environment worker may take to answer one call.
+  config.life_done = 'train'  # Atari: a lost life ends train episodes only (the paper's code), both, or never.
   # Model.
   config.deter_size = 200
   config.stoch_size = 30
@@ -94,19 +95,24 @@ def define_config():
   config.action_init_std = 5.0
   config.expl = 'additive_gaussian'
   config.expl_amount = 0.3
-  config.expl_decay = 0.0
+  config.expl_decay = 0.0  # Env steps: the half-life (halving) or the steps to reach expl_min (linear); 0: none.
   config.expl_min = 0.0
+  config.expl_schedule = 'halving'  # halving (the TF2 reference) or linear (the paper's code).
   return config
 
 
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
-    dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot'),
-    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
-    distribute=('auto', 'none', 'mirrored', 'multi_worker'))
+    dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot', 'onehot_score'),
+    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'), expl_schedule=('halving', 'linear'),
+    distribute=('auto', 'none', 'mirrored', 'multi_worker'), life_done=('train', 'both', 'never'))
 POSITIVE = ('eval_episodes', 'replay_cache_gb', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
             'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
             'worker_timeout')
+
+
+# One-hot action distributions: the same actor outputs, different gradients (straight-through or score function).
+ONEHOT = ('onehot', 'onehot_score')
 
 
 class NonFiniteError(RuntimeError):
@@ -137,15 +143,20 @@ def check_config(config):
                     f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
                     f'{config.batch_length}; no training window would fit.')
   suite = config.task.partition('_')[0]
+  if suite == 'dmlab':
+    version = '.'.join(map(str, sys.version_info[:2]))
+    raise UserError(f'--task {config.task}: DeepMind Lab (the paper\'s other discrete-control domain) has no '
+                    f'package that pip installs for this Python ({version}), so this port cannot run it. '
+                    'Use an atari_* or dmc_* task.')
   if suite not in wrappers.SUITES:
     raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
                     "(tasks are named <suite>_<task>, e.g. dmc_walker_walk).")
   discrete = suite == 'atari'
-  if discrete and config.action_dist != 'onehot':
+  if discrete and config.action_dist not in ONEHOT:
     raise UserError(f'--action_dist {config.action_dist} does not fit the discrete actions of {config.task}; '
-                    'use --action_dist onehot.')
-  if not discrete and config.action_dist == 'onehot':
-    raise UserError(f'--action_dist onehot does not fit the continuous actions of {config.task}; '
+                    'use --action_dist onehot_score (the paper\'s) or --action_dist onehot.')
+  if not discrete and config.action_dist in ONEHOT:
+    raise UserError(f'--action_dist {config.action_dist} does not fit the continuous actions of {config.task}; '
                     'use --action_dist tanh_normal.')
   if discrete and config.expl != 'epsilon_greedy':
     raise UserError(f'--expl {config.expl} gives actions that are not one-hot, which {config.task} needs; '
@@ -300,12 +311,9 @@ class Dreamer:
   def _expl_amount(self, training):
     if not training:
       return float(self._c.eval_noise)
-    amount = self._c.expl_amount
-    if self._c.expl_decay:
-      amount *= 0.5 ** (float(self._step.numpy()) / self._c.expl_decay)
-    if self._c.expl_min:
-      amount = max(self._c.expl_min, amount)
-    return float(amount)
+    c = self._c
+    return tools.exploration_amount(
+        float(self._step.numpy()), c.expl_amount, c.expl_decay, c.expl_min, c.expl_schedule)
 
   def _exploration(self, action, training, amount):
     if not training and not self._c.eval_noise:
@@ -681,8 +689,10 @@ def make_env(config, prefix, index, worker=0):
   """An environment in its own worker process; `prefix` is train or test, `index` its number, `worker` the task
   index of a multi-worker run (so that workers collect different episodes)."""
   seed = 10 ** 6 * worker + config.seed * 1000 + (0 if prefix == 'train' else 500) + index
+  # With 'train', evaluation plays whole games, so test returns compare with the paper's.
+  life_done = config.life_done == 'both' or (config.life_done == 'train' and prefix == 'train')
   kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
-                precision=config.precision, seed=seed)
+                precision=config.precision, seed=seed, life_done=life_done)
   return wrappers.Async(f'{config.task} {prefix} {index}', kwargs, config.parallel, config.worker_timeout)
 
 
@@ -846,7 +856,9 @@ def check_resume(config, datadir):
   ignore = ('logdir', 'checkpoint', 'eval_only', 'eval_episodes')
   changed = {k: (saved[k], v) for k, v in config.items()
              if k in saved and k not in ignore and saved[k] != (str(v) if isinstance(v, pathlib.Path) else v)}
-  fixed = {k: change for k, change in changed.items() if k in FIXED_ON_RESUME}
+  # The two one-hot distributions have the same variables, only their gradients differ.
+  fixed = {k: change for k, change in changed.items()
+           if k in FIXED_ON_RESUME and not (k == 'action_dist' and set(change) <= set(ONEHOT))}
   if fixed:
     listing = '; '.join(f'--{k} was {old}, now {new}' for k, (old, new) in fixed.items())
     raise UserError(f'{config.logdir} holds a run with other settings: {listing}. These cannot change when '
@@ -885,16 +897,14 @@ def evaluate(config, checkpoint):
   return result
 
 
-# Settings for discrete control (Atari), applied to atari_* tasks under the flags the user sets. Sources: the
-# paper's code for Atari (google-research/dreamer configs 'dreamer, pcont, discrete, atari' and tasks.py: action
-# repeat 4, 108k-frame episodes, one-hot actions with straight-through gradients, learned discount, horizon 10,
-# KL scale 0.1, tanh-clipped rewards, epsilon-greedy from 0.4 towards 0.1, test epsilon 0.001) and the reference's
-# issues #17, #29, #33 (pcont and onehot are needed for Atari). The linear epsilon schedule of the paper is
-# approximated by the reference's halving schedule: 0.4 halves twice to 0.1 after 2e6 env steps.
+# Settings for discrete control (Atari), applied to atari_* tasks under the flags the user sets: the paper's own
+# code (google-research/dreamer, defaults 'dreamer, pcont, discrete, atari'); the README lists each value's source.
+# Its epsilon, 0.4 * max(0.25, 1 - s / 1e7) over trainer steps s (10 per agent step), is linear from 0.4 to 0.1
+# over 7.5e5 agent steps = 3e6 env steps.
 SUITE_DEFAULTS = dict(
-    atari=dict(action_repeat=4, time_limit=108000, pcont=True, kl_scale=0.1, action_dist='onehot', horizon=10,
-               clip_rewards='tanh', expl='epsilon_greedy', expl_amount=0.4, expl_decay=1e6, expl_min=0.1,
-               eval_noise=0.001),
+    atari=dict(action_repeat=4, time_limit=108000, pcont=True, kl_scale=0.1, action_dist='onehot_score',
+               horizon=10, clip_rewards='tanh', expl='epsilon_greedy', expl_amount=0.4, expl_schedule='linear',
+               expl_decay=3e6, expl_min=0.1, eval_noise=0.001),
 )
 
 # Named presets (--preset), applied after the suite defaults and before the flags the user sets.

@@ -221,7 +221,7 @@ class ActionDecoder(_MLP):
 
   def __init__(self, size, layers, units, dist='tanh_normal', act='elu', min_std=1e-4, init_std=5,
                mean_scale=5, **kwargs):
-    if dist not in ('tanh_normal', 'onehot'):
+    if dist not in ('tanh_normal', 'onehot', 'onehot_score'):
       raise NotImplementedError(dist)
     super().__init__(layers, units, 2 * size if dist == 'tanh_normal' else size, act, **kwargs)
     self._size = size
@@ -241,4 +241,4 @@ class ActionDecoder(_MLP):
       dist = tfd.TransformedDistribution(dist, tools.TanhBijector())
       dist = tfd.Independent(dist, 1)
       return tools.SampleDist(dist)
-    return tools.OneHotDist(x)
+    return tools.OneHotDist(x, gradient='score' if self._dist == 'onehot_score' else 'straight')

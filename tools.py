@@ -231,12 +231,21 @@ class SampleDist:
 
 
 class OneHotDist:
-  """One-hot categorical whose samples carry straight-through gradients of the probabilities."""
+  """One-hot categorical whose samples carry gradients for the actor.
 
-  def __init__(self, logits=None, probs=None, dtype=tf.float32):
+  gradient='straight' (the TF2 reference's `onehot`): the gradient of the probabilities, straight through the
+  sample. gradient='score' (the paper's code, `onehot_score`): the sample is multiplied by
+  exp(log p(a) - stop_gradient(log p(a))), which is 1, so whatever the sample feeds gets the score-function
+  gradient d/dlogits = (df/da . a) * grad log p(a), as the paper's code did (a DiCE "magic box" on the action).
+  """
+
+  def __init__(self, logits=None, probs=None, dtype=tf.float32, gradient='straight'):
+    if gradient not in ('straight', 'score'):
+      raise NotImplementedError(gradient)
     self._dist = tfd.Categorical(logits=logits, probs=probs)
     self._num_classes = self.mean().shape[-1]
     self._dtype = dtype
+    self._gradient = gradient
 
   @property
   def name(self):
@@ -273,6 +282,9 @@ class OneHotDist:
         gumbel = -tf.math.log(-tf.math.log(tf.clip_by_value(uniform, 1e-20, 1.0 - 1e-7)))
         indices = tf.argmax(logits + tf.cast(gumbel, logits.dtype), -1)
     sample = self._one_hot(indices)
+    if self._gradient == 'score':
+      logp = self._dist.log_prob(indices)[..., None]
+      return sample * tf.cast(tf.exp(logp - tf.stop_gradient(logp)), self._dtype)
     probs = self._dist.probs_parameter()
     return sample + tf.cast(probs - tf.stop_gradient(probs), self._dtype)
 
@@ -529,6 +541,25 @@ def video_summary(name, video, step=None, fps=20):
 
 
 # Schedules ----------------------------------------------------------------------------------------------------------
+
+def exploration_amount(step, amount, decay, minimum, schedule='halving'):
+  """The exploration amount at environment step `step`, floored at `minimum` (0: no floor).
+
+  halving (the TF2 reference): `amount` halves every `decay` steps. linear (the paper's code): `amount` goes in a
+  straight line to `minimum`, reached at step `decay`, and stays there. decay 0 keeps `amount` constant.
+  """
+  if schedule == 'linear':
+    if decay:
+      amount += (minimum - amount) * min(1.0, step / decay)
+  elif schedule == 'halving':
+    if decay:
+      amount *= 0.5 ** (step / decay)
+  else:
+    raise NotImplementedError(schedule)
+  if minimum:
+    amount = max(minimum, amount)
+  return float(amount)
+
 
 class Every:
 

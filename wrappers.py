@@ -208,6 +208,11 @@ class Atari:
   def ale(self):
     return self._ale
 
+  @property
+  def lives(self):
+    """The game's lives counter (readable through the worker, for inspection)."""
+    return self._ale.lives()
+
   def reset(self):
     self._ale.reset_game()
     self._frames = []
@@ -471,14 +476,15 @@ class RewardObs(Wrapper):
     return obs
 
 
-def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, size=(64, 64)):
-  """The reference's wrapper stack for a task name `<suite>_<task>` (runs inside the worker)."""
+def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, size=(64, 64), life_done=True):
+  """The reference's wrapper stack for a task name `<suite>_<task>` (runs inside the worker). `life_done`: a lost
+  life ends the episode (Atari only)."""
   suite, _, name = task.partition('_')
   if suite == 'dmc':
     env = DeepMindControl(name, size, seed=seed, action_repeat=action_repeat)  # Renders once per agent step.
     env = NormalizeActions(env)
   elif suite == 'atari':
-    env = Atari(name, action_repeat, size, grayscale=False, life_done=True, sticky_actions=True, seed=seed)
+    env = Atari(name, action_repeat, size, grayscale=False, life_done=life_done, sticky_actions=True, seed=seed)
     env = OneHotAction(env, seed=seed)
   else:
     raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "

@@ -329,6 +329,42 @@ def test_async_breakout_life_loss_is_terminal():
     env.close()
 
 
+def play_until_done(env, space, steps=5000):
+  """Random actions until the episode ends; returns the lives counter after every step and the last info."""
+  env.reset()
+  lives = [env.call('__getattr__', 'lives')]
+  for _ in range(steps):
+    _, _, done, info = env.step(space.sample())
+    lives.append(env.call('__getattr__', 'lives'))
+    if done:
+      return lives, info
+  raise AssertionError(f'no episode end in {steps} steps')
+
+
+@pytest.mark.parametrize('life_done', [None, 'both', 'never'], ids=['default', 'both', 'never'])
+def test_lost_life_ends_episodes_as_life_done_says(life_done):
+  """The environments dreamer.py makes for atari_breakout (5 lives): by default (the paper's 'train'), a training
+  episode ends at the first lost life while an evaluation episode plays on to game over."""
+  import dreamer
+  config = dreamer.parse_args(['--task', 'atari_breakout'] + (['--life_done', life_done] if life_done else []))
+  ends_on_life = {None: dict(train=True, test=False), 'both': dict(train=True, test=True),
+                  'never': dict(train=False, test=False)}[life_done]
+  for prefix in ('train', 'test'):
+    env = dreamer.make_env(config, prefix, 0)
+    try:
+      space = env.action_space
+      space.seed(0)
+      lives, info = play_until_done(env, space)
+      assert lives[0] == 5 and info['discount'] == 0
+      if ends_on_life[prefix]:
+        assert lives[-1] == 4 and lives[:-1] == [5] * (len(lives) - 1), (prefix, lives)
+      else:  # Goes on past the first lost life, to game over.
+        assert lives[-1] == 0 and len(set(lives)) == 6, (prefix, sorted(set(lives)))
+        assert lives.index(4) < len(lives) - 1
+    finally:
+      env.close()
+
+
 def test_async_unknown_game():
   with pytest.raises(wrappers.TaskError, match="Unknown Atari game 'pongg'.*atari_pong"):
     wrappers.Async('pongg', dict(PONG, task='atari_pongg'))
@@ -345,11 +381,65 @@ def _run_dreamer(*args, timeout=600):
 def test_atari_defaults_apply_under_given_flags():
   import dreamer
   config = dreamer.parse_args(['--task', 'atari_pong'])
-  assert (config.action_dist, config.expl, config.pcont, config.action_repeat) == ('onehot', 'epsilon_greedy', True, 4)
+  assert (config.action_dist, config.expl, config.pcont, config.action_repeat) == (
+      'onehot_score', 'epsilon_greedy', True, 4)
   assert config.horizon == 10 and config.kl_scale == 0.1 and config.clip_rewards == 'tanh'
-  config = dreamer.parse_args(['--task', 'atari_pong', '--horizon', '7', '--pcont', 'False'])
-  assert config.horizon == 7 and config.pcont is False  # Flags the user sets win.
-  assert dreamer.parse_args(['--task', 'dmc_walker_walk']).action_dist == 'tanh_normal'
+  assert (config.expl_schedule, config.expl_amount, config.expl_decay, config.expl_min) == ('linear', 0.4, 3e6, 0.1)
+  assert config.life_done == 'train' and config.eval_noise == 0.001 and config.time_limit == 108000
+  config = dreamer.parse_args(['--task', 'atari_pong', '--horizon', '7', '--pcont', 'False', '--action_dist',
+                               'onehot', '--expl_schedule', 'halving', '--life_done', 'both'])
+  assert config.horizon == 7 and config.pcont is False and config.action_dist == 'onehot'  # Flags the user sets win.
+  assert config.expl_schedule == 'halving' and config.life_done == 'both'
+  dmc = dreamer.parse_args(['--task', 'dmc_walker_walk'])
+  assert (dmc.action_dist, dmc.expl_schedule, dmc.expl_decay, dmc.expl_min) == ('tanh_normal', 'halving', 0.0, 0.0)
+
+
+@pytest.mark.parametrize('step, training, expected', [(0, True, 0.4), (1.5e6, True, 0.25), (4e6, True, 0.1),
+                                                      (1.5e6, False, 0.001)])
+def test_agent_epsilon_follows_the_papers_linear_schedule(step, training, expected):
+  """Dreamer._expl_amount on the atari_* defaults at the agent's step (env steps); evaluation uses eval_noise."""
+  import types
+  import dreamer
+  import tensorflow as tf
+  agent = types.SimpleNamespace(_c=dreamer.parse_args(['--task', 'atari_pong']),
+                                _step=tf.Variable(int(step), dtype=tf.int64))
+  assert dreamer.Dreamer._expl_amount(agent, training) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--task', 'dmc_walker_walk', '--action_dist', 'onehot_score'],
+     '--action_dist onehot_score does not fit the continuous actions'),
+    (['--task', 'atari_pong', '--expl_schedule', 'cosine'],
+     '--expl_schedule cosine is not allowed; choose one of: halving, linear'),
+    (['--task', 'atari_pong', '--life_done', 'test'],
+     '--life_done test is not allowed; choose one of: train, both, never'),
+    (['--task', 'dmlab_collect'], 'DeepMind Lab'),
+])
+def test_bad_discrete_settings_exit_2_naming_the_flag(tmp_path, capsys, args, message):
+  import dreamer
+  with pytest.raises(SystemExit) as exit_:
+    dreamer.cli(['--logdir', str(tmp_path), *args])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and 'Traceback' not in err and 'Unknown suite' not in err, err
+  assert not (tmp_path / 'episodes').exists()
+
+
+def test_resume_may_switch_between_the_one_hot_estimators(tmp_path, capsys):
+  """Both one-hot distributions have the same variables: a run may resume with the other one (printed), but not
+  with a tanh-normal actor."""
+  import json
+  import dreamer
+  config = dreamer.parse_args(['--logdir', str(tmp_path), '--task', 'atari_pong', '--action_dist', 'onehot'])
+  config.logdir = tmp_path
+  (tmp_path / 'config.json').write_text(json.dumps({k: str(v) if k == 'logdir' else v for k, v in config.items()}))
+  (tmp_path / 'variables.pkl').write_bytes(b'')  # Something was stored under the old flags.
+  config.action_dist = 'onehot_score'
+  dreamer.check_resume(config, tmp_path / 'episodes')
+  assert '--action_dist onehot -> onehot_score' in capsys.readouterr().out
+  config.action_dist = 'tanh_normal'
+  with pytest.raises(dreamer.UserError, match='--action_dist was onehot, now tanh_normal'):
+    dreamer.check_resume(config, tmp_path / 'episodes')
 
 
 @pytest.mark.parametrize('args, flag', [
