@@ -8,7 +8,6 @@ the policy step, the real environment step, and the hours one million environmen
 import collections
 import json
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -16,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
+import runtime
 import tools
 
 
@@ -142,8 +142,9 @@ def run(config, agent_class, make_env, policy_name, process_start):
   """Measures everything; returns the dict written to benchmark.json."""
   result = collections.OrderedDict()
   gpus = tf.config.list_physical_devices('GPU')
-  result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({platform.processor() or platform.machine()}, '
+  result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({runtime.describe_cpu()}; '
                       f'{len(tf.config.list_physical_devices("CPU"))} device, {_cores()} cores)')
+  result['onednn'] = runtime.onednn_enabled()
   result['precision'] = policy_name
   result['config'] = {k: config[k] for k in (
       'batch_size', 'batch_length', 'horizon', 'deter_size', 'stoch_size', 'num_units', 'cnn_depth',

@@ -21,14 +21,16 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+sys.path.append(str(pathlib.Path(__file__).parent))
+
+import runtime
+
+runtime.configure()  # Before TensorFlow is imported (oneDNN as in training; see runtime.py).
 
 import numpy as np
 import tensorflow as tf
 from gymnasium import spaces
 from tensorflow_probability import distributions as tfd
-
-sys.path.append(str(pathlib.Path(__file__).parent))
 
 import dreamer
 import tools

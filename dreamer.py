@@ -13,9 +13,11 @@ import time
 
 PROCESS_START = time.perf_counter()  # For the benchmark's time to the first train step.
 
-# Do not override environment variables the user set.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-os.environ.setdefault('MUJOCO_GL', 'egl')
+sys.path.append(str(pathlib.Path(__file__).parent))
+
+import runtime
+
+runtime.configure()  # Before TensorFlow is imported: logging, headless rendering, oneDNN (see runtime.py).
 
 import numpy as np
 import tensorflow as tf
@@ -24,8 +26,6 @@ tf.get_logger().setLevel('ERROR')
 
 import keras
 from tensorflow_probability import distributions as tfd
-
-sys.path.append(str(pathlib.Path(__file__).parent))
 
 import models
 import tools
@@ -168,14 +168,6 @@ def check_config(config):
 
 # Precision ----------------------------------------------------------------------------------------------------------
 
-def cpu_has_bf16():
-  try:
-    flags = pathlib.Path('/proc/cpuinfo').read_text()
-  except OSError:
-    return False
-  return ' avx512_bf16' in flags or ' amx_bf16' in flags
-
-
 def resolve_precision(config):
   """The dtype policy for --precision. 16 means mixed_float16 on a GPU (with loss scaling); on a CPU float16 is
   slow, so 16 means mixed_bfloat16 where the processor has bfloat16 instructions and float32 otherwise."""
@@ -183,7 +175,7 @@ def resolve_precision(config):
     return 'float32'
   if tf.config.list_physical_devices('GPU'):
     return 'mixed_float16'
-  return 'mixed_bfloat16' if cpu_has_bf16() else 'float32'
+  return 'mixed_bfloat16' if runtime.cpu_has_bf16() else 'float32'
 
 
 # The agent ----------------------------------------------------------------------------------------------------------
@@ -760,6 +752,8 @@ def main(config):
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
   print(f'Logdir {config.logdir}')
   print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
+  if device == 'CPU':
+    print(f'CPU: {runtime.describe_cpu()}.')
   check_replicas(config, strategy.num_replicas_in_sync)  # Before any environment starts.
   worker = 0  # This process's task index in a multi-worker run: its environments get their own seeds.
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

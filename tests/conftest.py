@@ -4,12 +4,13 @@ import os
 import pathlib
 import sys
 
-# Before TensorFlow is imported anywhere: silence its C++ logging (CUDA probing on CPU machines).
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+import runtime  # noqa: E402
+
+runtime.configure()  # Before TensorFlow is imported anywhere: the settings users run with (runtime.py).
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

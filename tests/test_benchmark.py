@@ -1,6 +1,7 @@
 """The benchmark command and its FLOP count."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -66,6 +67,10 @@ def test_benchmark_command_writes_its_json(tmp_path):
               'peak_gflops', 'policy_step_ms', 'env_step_ms', 'hours_per_1e6_env_steps'):
     assert key in data, key
   assert data['precision'] == 'float32' and data['device'].startswith('CPU')
+  # The machine kind and the oneDNN setting of the figures (on: the default on x86, unless the user set it).
+  expected = os.environ.get('TF_ENABLE_ONEDNN_OPTS') == '1'
+  assert data['onednn'] is expected and f"oneDNN {'on' if expected else 'off'}" in data['device'], data['device']
+  assert 'AVX' in data['device'], data['device']
   assert data['train_step_s']['n'] >= 5 and 0 < data['train_step_s']['min'] <= data['train_step_s']['median']
   assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1
   assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])

@@ -1,0 +1,83 @@
+"""Process settings that must be made before TensorFlow is imported, and what this CPU has. No TensorFlow here.
+
+`configure()` is called first thing by every entry point (dreamer.py, compare.py, the tests' conftest.py):
+- TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++ logging (CUDA probing on machines without a GPU) is silenced.
+- MUJOCO_GL=egl: headless rendering (see PORTING.md: osmesa is missing here).
+- TF_ENABLE_ONEDNN_OPTS=1 on x86: TensorFlow 2.21 turns its oneDNN kernels on by default only on CPUs with
+  AVX-512 (VNNI/BF16) or AMX; on an AVX2 CPU it leaves them off, and the paper's train step then takes twice as
+  long (14.0 s against 7.3 s on 2 cores of an AMD EPYC with AVX2, docs/speed.md). Where TensorFlow turns them on
+  itself this changes nothing. oneDNN sums in another order: results move by float rounding only (the original
+  code's own outputs moved by at most 4e-7 relative between the two settings).
+Each default yields to a value the user set in the environment.
+"""
+
+import os
+import pathlib
+import platform
+
+X86 = ('x86_64', 'amd64', 'i386', 'i686')
+
+# Where TF_ENABLE_ONEDNN_OPTS came from: 'user' (set before we ran), 'port' (set by configure), None (unset).
+onednn_source = None
+
+
+def configure():
+  global onednn_source
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('MUJOCO_GL', 'egl')
+  if onednn_source is None:
+    if 'TF_ENABLE_ONEDNN_OPTS' in os.environ:
+      onednn_source = 'user'
+    elif platform.machine().lower() in X86:
+      os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'
+      onednn_source = 'port'
+
+
+def _cpuinfo():
+  try:
+    return pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return ''
+
+
+def cpu_flags():
+  """The instruction-set flags of the first CPU (empty where /proc/cpuinfo is missing)."""
+  for line in _cpuinfo().splitlines():
+    if line.startswith('flags'):
+      return set(line.partition(':')[2].split())
+  return set()
+
+
+def cpu_model():
+  for line in _cpuinfo().splitlines():
+    if line.startswith('model name'):
+      return line.partition(':')[2].strip()
+  return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16():
+  return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
+
+
+def onednn_enabled():
+  """Whether TensorFlow runs its oneDNN kernels in this process (None when it cannot tell). Imports TF."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):
+    return None
+
+
+def describe_cpu():
+  """E.g. 'AMD EPYC (AVX2, no AVX-512), oneDNN on (set by this port; TensorFlow leaves it off on this CPU)'."""
+  flags = cpu_flags()
+  isa = 'AVX-512' + (' with BF16' if 'avx512_bf16' in flags else '') if 'avx512f' in flags else (
+      'AVX2, no AVX-512' if 'avx2' in flags else 'no AVX2')
+  if flags & {'amx_tile', 'amx_bf16'}:
+    isa += ', AMX'
+  state = {True: 'on', False: 'off', None: 'unknown'}[onednn_enabled()]
+  source = {
+      'user': f'TF_ENABLE_ONEDNN_OPTS={os.environ.get("TF_ENABLE_ONEDNN_OPTS")} set by you',
+      'port': 'set by this port; TensorFlow turns it on by itself only with AVX-512 or AMX',
+      None: "TensorFlow's default"}[onednn_source]
+  return f'{cpu_model()} ({isa}), oneDNN {state} ({source})'
