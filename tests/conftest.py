@@ -1,13 +1,16 @@
-"""Shared test setup: import path, quiet TF, and the dtype-policy fixture."""
+"""Shared test setup: import path, quiet TF, the dtype-policy fixture and the reference's files in tests/data."""
 
 import os
 import pathlib
+import re
 import sys
 
 # Before TensorFlow is imported anywhere: silence its C++ logging (CUDA probing on CPU machines).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / 'tests' / 'data'  # Copies of the reference's files; tests read nothing outside the repo.
+WALKER = DATA / 'reference' / 'walker_default'
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
@@ -26,3 +29,19 @@ def precision(request):
     yield request.param
   finally:
     keras.mixed_precision.set_global_policy('float32')
+
+
+def read_order(name):
+  """Rows (index, name, shape, dtype) of tests/data/variables_order.{name}.txt, the reference agent's variable
+  table. The owner column (`_actor/h0(Dense)/kernel`, `_metrics['div'](Mean)/total`) is turned into the port's
+  checkpoint names (`_actor/h0/kernel`, `_metrics/div/total`): class names dropped, dict keys as path parts."""
+  rows = []
+  for line in (DATA / f'variables_order.{name}.txt').read_text().splitlines():
+    if line.startswith('#') or '|' not in line:
+      continue
+    index, _, shape, dtype, owner = [c.strip() for c in line.split('|')[:5]]
+    owner = re.sub(r"\['(\w+)'\]", r'/\1', re.sub(r'\(\w+\)', '', owner))
+    rows.append((int(index), owner, tuple(int(x) for x in re.findall(r'\d+', shape)), dtype))
+  assert [row[0] for row in rows] == list(range(len(rows))), f'variables_order.{name}.txt: indices not 0..n-1'
+  return rows
+
