@@ -45,3 +45,12 @@ def read_order(name):
   assert [row[0] for row in rows] == list(range(len(rows))), f'variables_order.{name}.txt: indices not 0..n-1'
   return rows
 
+
+def build_agent(argv, actspace):
+  """A Dreamer agent from flags, in float32 and seeded by --seed, built without a replay: no environment, no
+  train step."""
+  import dreamer  # Imported on use: conftest is loaded by every test file, also the ones that need no agent.
+  config = dreamer.parse_args(['--precision', '32', *argv])
+  keras.mixed_precision.set_global_policy('float32')
+  keras.utils.set_random_seed(config.seed)
+  return dreamer.Dreamer(config, None, actspace)
