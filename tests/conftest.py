@@ -1,10 +1,13 @@
-"""Shared test setup: import path, quiet TF, and the dtype-policy fixture."""
+"""Shared test setup: import path, quiet TF, the dtype-policy fixture and the reference's files in tests/data."""
 
 import os
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / 'tests' / 'data'  # Copies of the reference's files; tests read nothing outside the repo.
+WALKER = DATA / 'reference' / 'walker_default'
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
@@ -27,3 +30,28 @@ def precision(request):
     yield request.param
   finally:
     keras.mixed_precision.set_global_policy('float32')
+
+
+def read_order(name):
+  """Rows (index, name, shape, dtype) of tests/data/variables_order.{name}.txt, the reference agent's variable
+  table. The owner column (`_actor/h0(Dense)/kernel`, `_metrics['div'](Mean)/total`) is turned into the port's
+  checkpoint names (`_actor/h0/kernel`, `_metrics/div/total`): class names dropped, dict keys as path parts."""
+  rows = []
+  for line in (DATA / f'variables_order.{name}.txt').read_text().splitlines():
+    if line.startswith('#') or '|' not in line:
+      continue
+    index, _, shape, dtype, owner = [c.strip() for c in line.split('|')[:5]]
+    owner = re.sub(r"\['(\w+)'\]", r'/\1', re.sub(r'\(\w+\)', '', owner))
+    rows.append((int(index), owner, tuple(int(x) for x in re.findall(r'\d+', shape)), dtype))
+  assert [row[0] for row in rows] == list(range(len(rows))), f'variables_order.{name}.txt: indices not 0..n-1'
+  return rows
+
+
+def build_agent(argv, actspace):
+  """A Dreamer agent from flags, in float32 and seeded by --seed, built without a replay: no environment, no
+  train step."""
+  import dreamer  # Imported on use: conftest is loaded by every test file, also the ones that need no agent.
+  config = dreamer.parse_args(['--precision', '32', *argv])
+  keras.mixed_precision.set_global_policy('float32')
+  keras.utils.set_random_seed(config.seed)
+  return dreamer.Dreamer(config, None, actspace)

@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 import tools
+from conftest import WALKER, read_order
 
-REFERENCE = pathlib.Path('/work/shared/reference/checkpoints/walker_default')
 EPISODE_NAME = re.compile(r'^\d{8}T\d{6}-[0-9a-f]{32}-(\d+)\.npz$')
 
 
@@ -115,10 +115,9 @@ def test_lambda_return_lambda0_is_one_step():
   np.testing.assert_allclose(returns, reward + pcont * next_value, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not (REFERENCE / 'refs.npz').exists(), reason='reference outputs not available')
 def test_lambda_return_matches_reference_outputs():
   # Outputs of the reference's own lambda_return, shipped with the reference checkpoint.
-  refs = np.load(REFERENCE / 'refs.npz')
+  refs = np.load(WALKER / 'refs.npz')
   r, v, p, boot = refs['in/lr_reward'], refs['in/lr_value'], refs['in/lr_pcont'], refs['in/lr_bootstrap']
   lam, discount = float(refs['in/lr_lambda']), float(refs['in/lr_discount'])
   kw = dict(rtol=1e-5, atol=1e-5)
@@ -469,17 +468,12 @@ def test_checkpoint_accepts_numpy1_spelling(tmp_path):
   assert loaded[1] == 7 and loaded[1].dtype == np.int64
 
 
-@pytest.mark.skipif(not (REFERENCE / 'variables.pkl').exists(), reason='reference checkpoint not available')
 def test_read_reference_checkpoint():
-  values = tools.read_checkpoint(REFERENCE / 'variables.pkl')
-  assert len(values) == 82
-  # Shapes and dtypes agree with the reference's variable table.
-  rows = [line.split('|') for line in (REFERENCE.parent / 'variables_order.default.txt').read_text().splitlines()
-          if not line.startswith('#') and line.strip()]
-  assert len(rows) == 82
-  for value, row in zip(values, rows):
-    assert str(value.shape).replace(' ', '') == row[2].strip().replace(' ', ''), row
-    assert str(value.dtype) == row[3].strip(), row
+  values = tools.read_checkpoint(WALKER / 'variables.pkl')
+  rows = read_order('default')
+  assert len(values) == len(rows) == 82
+  for value, (index, name, shape, dtype) in zip(values, rows):  # As the reference's variable table says.
+    assert value.shape == shape and str(value.dtype) == dtype, (index, name, value.shape, value.dtype)
   assert values[0].shape == () and values[0].dtype == np.int64
 
 

@@ -120,7 +120,7 @@ def test_time_limit_keeps_the_envs_discount():
 def test_time_limit_raises_when_stepped_before_reset():
   inner = FakeEnv()
   env = wrappers.TimeLimit(inner, 5)
-  with pytest.raises(Exception):
+  with pytest.raises(RuntimeError, match='^Must reset environment before stepping it.$'):
     env.step(np.zeros(2, np.float32))
   assert inner.steps == 0
 
