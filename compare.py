@@ -33,6 +33,7 @@ from gymnasium import spaces
 from tensorflow_probability import distributions as tfd
 
 import dreamer
+import flags
 import tools
 
 TOLERANCE = 1e-5  # Forward outputs: absolute, or relative to the reference value where that is larger than 1.
@@ -56,7 +57,7 @@ def build_agent(config, actdim, checkpoint):
   """A float32 agent for `config` with fresh optimizers, loaded from `checkpoint`."""
   import keras
   keras.mixed_precision.set_global_policy('float32')
-  actspace = spaces.Discrete(actdim) if config.action_dist in dreamer.ONEHOT else spaces.Box(-1, 1, (actdim,))
+  actspace = spaces.Discrete(actdim) if config.action_dist in flags.ONEHOT else spaces.Box(-1, 1, (actdim,))
   agent = dreamer.Dreamer(config, None, actspace)
   agent.load(checkpoint)
   return agent

@@ -1,6 +1,5 @@
 """Dreamer (Hafner et al., ICLR 2020): config, command line, the agent and the training loop."""
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -15,13 +14,18 @@ PROCESS_START = time.perf_counter()  # For the benchmark's time to the first tra
 
 sys.path.append(str(pathlib.Path(__file__).parent))
 
+import flags
 import runtime
+from flags import UserError, check_config, define_config, parse_args  # The flags' one source is flags.FLAGS.
 
 runtime.configure()  # Before TensorFlow is imported: logging, headless rendering, oneDNN (see runtime.py).
+if __name__ == '__main__':
+  # --help and flag errors answer before the seconds that importing TensorFlow takes.
+  CONFIG = flags.parse_and_check()
 
 import numpy as np
-import tensorflow as tf
 
+tf = runtime.import_tensorflow()
 tf.get_logger().setLevel('ERROR')
 
 import keras
@@ -32,138 +36,8 @@ import tools
 import wrappers
 
 
-def define_config():
-  config = tools.AttrDict()
-  # General.
-  config.logdir = pathlib.Path('.')
-  config.seed = 0
-  config.steps = int(5e6)
-  config.eval_every = int(1e4)
-  config.log_every = int(1e3)
-  config.log_scalars = True
-  config.log_images = True
-  config.gpu_growth = True
-  config.precision = 16
-  config.checkpoint = ''  # A variables.pkl to load instead of the logdir's (e.g. one the reference wrote).
-  config.eval_only = False  # Only evaluate the loaded checkpoint for eval_episodes episodes; writes eval.json.
-  config.eval_episodes = 10
-  config.benchmark = False  # Only measure speed on this machine; writes benchmark.json.
-  config.distribute = 'auto'  # none, mirrored (local devices), multi_worker (TF_CONFIG); auto picks.
-  config.cpu_devices = 0  # Split the CPU into logical devices (to try --distribute mirrored without GPUs).
-  # Environment.
-  config.task = 'dmc_walker_walk'
-  config.envs = 1
-  config.parallel = 'none'
-  config.action_repeat = 2
-  config.time_limit = 1000
-  config.prefill = 5000
-  config.eval_noise = 0.0
-  config.clip_rewards = 'none'
-  config.worker_timeout = 120.0  # Seconds an environment worker may take to answer one call.
-  config.life_done = 'train'  # Atari: a lost life ends train episodes only (the paper's code), both, or never.
-  # Model.
-  config.deter_size = 200
-  config.stoch_size = 30
-  config.num_units = 400
-  config.dense_act = 'elu'
-  config.cnn_act = 'relu'
-  config.cnn_depth = 32
-  config.pcont = False
-  config.free_nats = 3.0
-  config.kl_scale = 1.0
-  config.pcont_scale = 10.0
-  config.weight_decay = 0.0
-  config.weight_decay_pattern = r'.*'
-  config.shared_noise = True  # The reference's RSSM noise: one vector per step for the whole batch.
-  # Training.
-  config.batch_size = 50
-  config.batch_length = 50
-  config.train_every = 1000
-  config.train_steps = 100
-  config.pretrain = 100
-  config.model_lr = 6e-4
-  config.value_lr = 8e-5
-  config.actor_lr = 8e-5
-  config.grad_clip = 100.0
-  config.dataset_balance = False
-  config.replay_cache_gb = 10.0  # Episodes kept in memory; the rest is read back from disk when drawn.
-  # Behavior.
-  config.discount = 0.99
-  config.disclam = 0.95
-  config.horizon = 15
-  config.action_dist = 'tanh_normal'
-  config.action_init_std = 5.0
-  config.expl = 'additive_gaussian'
-  config.expl_amount = 0.3
-  config.expl_decay = 0.0  # Env steps: the half-life (halving) or the steps to reach expl_min (linear); 0: none.
-  config.expl_min = 0.0
-  config.expl_schedule = 'halving'  # halving (the TF2 reference) or linear (the paper's code).
-  return config
-
-
-CHOICES = dict(
-    precision=(16, 32), parallel=('none', 'thread', 'process'), clip_rewards=('none', 'tanh'),
-    dense_act=tuple(models.ACTS), cnn_act=tuple(models.ACTS), action_dist=('tanh_normal', 'onehot', 'onehot_score'),
-    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'), expl_schedule=('halving', 'linear'),
-    distribute=('auto', 'none', 'mirrored', 'multi_worker'), life_done=('train', 'both', 'never'))
-POSITIVE = ('eval_episodes', 'replay_cache_gb', 'steps', 'eval_every', 'log_every', 'envs', 'action_repeat', 'time_limit', 'deter_size', 'stoch_size',
-            'num_units', 'cnn_depth', 'batch_size', 'batch_length', 'train_every', 'train_steps', 'horizon',
-            'worker_timeout')
-
-
-# One-hot action distributions: the same actor outputs, different gradients (straight-through or score function).
-ONEHOT = ('onehot', 'onehot_score')
-
-
 class NonFiniteError(RuntimeError):
   """Every train step of a round was non-finite."""
-
-
-class UserError(Exception):
-  """A mistake in the user's input; reported as one message with exit code 2, no traceback."""
-
-
-def check_config(config):
-  for key, allowed in CHOICES.items():
-    if config[key] not in allowed:
-      raise UserError(f"--{key} {config[key]} is not allowed; choose one of: {', '.join(map(str, allowed))}.")
-  for key in POSITIVE:
-    if config[key] <= 0:
-      raise UserError(f'--{key} must be positive, got {config[key]}.')
-  if config.cpu_devices < 0:
-    raise UserError(f'--cpu_devices must be 0 (leave the CPU as one device) or more, got {config.cpu_devices}.')
-  if config.batch_length < 2:
-    raise UserError(f'--batch_length must be at least 2, got {config.batch_length}.')
-  if config.eval_every < config.action_repeat:
-    raise UserError(f'--eval_every {config.eval_every} is less than one agent step (--action_repeat '
-                    f'{config.action_repeat}); nothing would be collected between evaluations.')
-  training = not (config.eval_only or config.benchmark)
-  if training and config.task.startswith('dmc_') and config.time_limit // config.action_repeat < config.batch_length:
-    raise UserError(f'Episodes of --time_limit {config.time_limit} / --action_repeat {config.action_repeat} = '
-                    f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
-                    f'{config.batch_length}; no training window would fit.')
-  suite = config.task.partition('_')[0]
-  if suite == 'dmlab':
-    version = '.'.join(map(str, sys.version_info[:2]))
-    raise UserError(f'--task {config.task}: DeepMind Lab (the paper\'s other discrete-control domain) has no '
-                    f'package that pip installs for this Python ({version}), so this port cannot run it. '
-                    'Use an atari_* or dmc_* task.')
-  if suite not in wrappers.SUITES:
-    raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
-                    "(tasks are named <suite>_<task>, e.g. dmc_walker_walk).")
-  discrete = suite == 'atari'
-  if discrete and config.action_dist not in ONEHOT:
-    raise UserError(f'--action_dist {config.action_dist} does not fit the discrete actions of {config.task}; '
-                    'use --action_dist onehot_score (the paper\'s) or --action_dist onehot.')
-  if not discrete and config.action_dist in ONEHOT:
-    raise UserError(f'--action_dist {config.action_dist} does not fit the continuous actions of {config.task}; '
-                    'use --action_dist tanh_normal.')
-  if discrete and config.expl != 'epsilon_greedy':
-    raise UserError(f'--expl {config.expl} gives actions that are not one-hot, which {config.task} needs; '
-                    'use --expl epsilon_greedy.')
-  if not discrete and config.expl == 'epsilon_greedy':
-    raise UserError(f'--expl epsilon_greedy is for discrete actions; {config.task} has continuous ones: '
-                    'use --expl additive_gaussian or completely_random.')
 
 
 # Precision ----------------------------------------------------------------------------------------------------------
@@ -773,7 +647,7 @@ def main(config):
                            PROCESS_START)
     return benchmark.report(result, config.logdir)
   datadir = config.logdir / 'episodes'
-  check_resume(config, datadir)
+  flags.check_resume(config, bool(tools.count_episodes(datadir)[0]) or (config.logdir / 'variables.pkl').exists())
   if config.prefill <= 0 and not tools.count_episodes(datadir)[0]:
     raise UserError(f'--prefill {config.prefill}: the replay in {datadir} is empty, so the agent has nothing to '
                     'learn from; use a positive --prefill.')
@@ -830,38 +704,6 @@ def main(config):
     writer.flush()
 
 
-# Flags that change the networks' shapes, the meaning of the stored episodes or the step count.
-FIXED_ON_RESUME = ('task', 'action_repeat', 'deter_size', 'stoch_size', 'num_units', 'cnn_depth', 'pcont',
-                   'action_dist', 'log_scalars')
-
-
-def check_resume(config, datadir):
-  """Compares the flags with the run's saved config.json: shape-changing differences stop, others are reported."""
-  path = config.logdir / 'config.json'
-  if not path.exists():
-    return
-  if not tools.count_episodes(datadir)[0] and not (config.logdir / 'variables.pkl').exists():
-    return  # Nothing was stored under the old flags.
-  try:
-    saved = json.loads(path.read_text())
-  except ValueError:
-    print(f'Warning: {path} is unreadable; it will be rewritten.', file=sys.stderr)
-    return
-  ignore = ('logdir', 'checkpoint', 'eval_only', 'eval_episodes')
-  changed = {k: (saved[k], v) for k, v in config.items()
-             if k in saved and k not in ignore and saved[k] != (str(v) if isinstance(v, pathlib.Path) else v)}
-  # The two one-hot distributions have the same variables, only their gradients differ.
-  fixed = {k: change for k, change in changed.items()
-           if k in FIXED_ON_RESUME and not (k == 'action_dist' and set(change) <= set(ONEHOT))}
-  if fixed:
-    listing = '; '.join(f'--{k} was {old}, now {new}' for k, (old, new) in fixed.items())
-    raise UserError(f'{config.logdir} holds a run with other settings: {listing}. These cannot change when '
-                    'resuming; use the same values or a new --logdir.')
-  if changed:
-    listing = '; '.join(f'--{k} {old} -> {new}' for k, (old, new) in changed.items())
-    print(f'Resuming with changed flags (applied): {listing}.')
-
-
 def evaluate(config, checkpoint):
   """Runs eval_episodes test episodes with the loaded agent (actor mode + eval_noise); stores nothing in a replay.
   Writes eval.json and the first episode as eval_video.gif in the logdir."""
@@ -891,54 +733,10 @@ def evaluate(config, checkpoint):
   return result
 
 
-# Settings for discrete control (Atari), applied to atari_* tasks under the flags the user sets: the paper's own
-# code (google-research/dreamer, defaults 'dreamer, pcont, discrete, atari'); the README lists each value's source.
-# Its epsilon, 0.4 * max(0.25, 1 - s / 1e7) over trainer steps s (10 per agent step), is linear from 0.4 to 0.1
-# over 7.5e5 agent steps = 3e6 env steps.
-SUITE_DEFAULTS = dict(
-    atari=dict(action_repeat=4, time_limit=108000, pcont=True, kl_scale=0.1, action_dist='onehot_score',
-               horizon=10, clip_rewards='tanh', expl='epsilon_greedy', expl_amount=0.4, expl_schedule='linear',
-               expl_decay=3e6, expl_min=0.1, eval_noise=0.001),
-)
-
-# Named presets (--preset), applied after the suite defaults and before the flags the user sets.
-PRESETS = dict(
-    none=dict(),
-    # Small networks and batches for a 2-core CPU (see docs/cpu_experiment.md).
-    cpu=dict(deter_size=100, stoch_size=20, num_units=200, cnn_depth=16, batch_size=16, batch_length=50,
-             train_steps=100, pretrain=100),
-    # Tiny everything, for tests and smoke runs.
-    debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
-               train_steps=1, pretrain=3, horizon=3, prefill=200, eval_every=200, train_every=100,
-               log_every=100, time_limit=100),
-)
-
-
-def parse_args(argv=None):
-  """Config = defaults, then the task's suite defaults, then --preset, then the flags given (which always win)."""
-  parser = argparse.ArgumentParser(description='Dreamer: learning behaviors by latent imagination.')
-  defaults = define_config()
-  parser.add_argument('--preset', choices=list(PRESETS), default='none',
-                      help='named settings applied under the flags you give')
-  for key, value in defaults.items():
-    parser.add_argument(f'--{key}', type=tools.args_type(value), default=argparse.SUPPRESS,
-                        metavar=type(value).__name__.upper(), help=f'default: {value}')
-  given = vars(parser.parse_args(argv))
-  preset = given.pop('preset')
-  config = tools.AttrDict(defaults)
-  suite = given.get('task', defaults.task).partition('_')[0]
-  for layer in (SUITE_DEFAULTS.get(suite, {}), PRESETS[preset], given):
-    for key, value in layer.items():
-      config[key] = type(defaults[key])(value) if key in defaults else value
-  config.preset = preset
-  return config
-
-
-def cli(argv=None):
-  config = parse_args(argv)
+def cli(config):
   try:
     main(config)
-  except (UserError, wrappers.TaskError, tools.CheckpointError) as e:
+  except (UserError, wrappers.TaskError, tools.CheckpointError, tools.NoEpisodesError) as e:
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(2)
   except (NonFiniteError, wrappers.WorkerError) as e:
@@ -947,10 +745,7 @@ def cli(argv=None):
   except KeyboardInterrupt:
     print('Interrupted.', file=sys.stderr)
     sys.exit(130)
-  except tools.NoEpisodesError as e:
-    print(f'Error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':
-  cli()
+  cli(CONFIG)

@@ -33,6 +33,32 @@ def configure():
       onednn_source = 'port'
 
 
+def import_tensorflow():
+  """Imports TensorFlow with the process's stderr (fd 2) held back: its C++ start-up lines (absl's "All log
+  messages before absl::InitializeLog()", CUDA stub probing on machines without a GPU) ignore
+  TF_CPP_MIN_LOG_LEVEL. What was held back is printed if the import fails, or when the user set
+  TF_CPP_MIN_LOG_LEVEL below 3 to see such lines."""
+  import sys
+  import tempfile
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      import tensorflow as tf
+      failed = False
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      if failed or os.environ.get('TF_CPP_MIN_LOG_LEVEL') != '3':
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors='replace'))
+  return tf
+
+
 def _cpuinfo():
   try:
     return pathlib.Path('/proc/cpuinfo').read_text()

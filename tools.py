@@ -1,7 +1,6 @@
 """Helpers: config parsing, scans and returns, distributions, the optimizer, episodes on disk, simulation,
 summaries and checkpoint files."""
 
-import argparse
 import collections
 import datetime
 import io
@@ -18,44 +17,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability import distributions as tfd
-
-
-class AttrDict(dict):
-
-  __setattr__ = dict.__setitem__
-
-  def __getattr__(self, name):
-    try:
-      return self[name]
-    except KeyError:
-      raise AttributeError(name) from None
-
-
-# Config parsing -----------------------------------------------------------------------------------------------------
-
-def args_type(default):
-  """The parser of a flag: bools only `True`/`False`, ints accept `5e6` but not `0.5`, paths expand `~`."""
-  if isinstance(default, bool):
-    def parse_bool(x):
-      if x not in ('True', 'False'):
-        raise argparse.ArgumentTypeError(f"expected True or False, got '{x}'")
-      return x == 'True'
-    return parse_bool
-  if isinstance(default, int):
-    def parse_int(x):
-      try:
-        value = float(x)
-      except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{x}'") from None
-      if not np.isfinite(value) or value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{x}'")
-      return int(value)
-    return parse_int
-  if isinstance(default, float):
-    return float
-  if isinstance(default, pathlib.Path):
-    return lambda x: pathlib.Path(x).expanduser()
-  return type(default)
 
 
 # Scans and returns --------------------------------------------------------------------------------------------------

@@ -416,9 +416,9 @@ def test_agent_epsilon_follows_the_papers_linear_schedule(step, training, expect
     (['--task', 'dmlab_collect'], 'DeepMind Lab'),
 ])
 def test_bad_discrete_settings_exit_2_naming_the_flag(tmp_path, capsys, args, message):
-  import dreamer
+  import flags
   with pytest.raises(SystemExit) as exit_:
-    dreamer.cli(['--logdir', str(tmp_path), *args])
+    flags.parse_and_check(['--logdir', str(tmp_path), *args])
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert message in err and 'Traceback' not in err and 'Unknown suite' not in err, err
@@ -429,17 +429,17 @@ def test_resume_may_switch_between_the_one_hot_estimators(tmp_path, capsys):
   """Both one-hot distributions have the same variables: a run may resume with the other one (printed), but not
   with a tanh-normal actor."""
   import json
-  import dreamer
-  config = dreamer.parse_args(['--logdir', str(tmp_path), '--task', 'atari_pong', '--action_dist', 'onehot'])
+  import flags
+  config = flags.parse_args(['--logdir', str(tmp_path), '--task', 'atari_pong', '--action_dist', 'onehot'])
   config.logdir = tmp_path
   (tmp_path / 'config.json').write_text(json.dumps({k: str(v) if k == 'logdir' else v for k, v in config.items()}))
   (tmp_path / 'variables.pkl').write_bytes(b'')  # Something was stored under the old flags.
   config.action_dist = 'onehot_score'
-  dreamer.check_resume(config, tmp_path / 'episodes')
+  flags.check_resume(config, has_data=True)
   assert '--action_dist onehot -> onehot_score' in capsys.readouterr().out
   config.action_dist = 'tanh_normal'
-  with pytest.raises(dreamer.UserError, match='--action_dist was onehot, now tanh_normal'):
-    dreamer.check_resume(config, tmp_path / 'episodes')
+  with pytest.raises(flags.UserError, match='--action_dist was onehot, now tanh_normal'):
+    flags.check_resume(config, has_data=True)
 
 
 @pytest.mark.parametrize('args, flag', [

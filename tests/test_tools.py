@@ -1,7 +1,6 @@
 """Behaviour of the helpers in tools.py: returns and scans, the tanh bijector, flag parsing, episode files,
 checkpoint files, schedules and GIF encoding."""
 
-import argparse
 import os
 import pathlib
 import pickle
@@ -241,45 +240,6 @@ def test_onehot_score_per_sample_gradient_and_same_draws_as_straight():
                              atol=1e-6)
   with pytest.raises(NotImplementedError):
     tools.OneHotDist(logits, gradient='gumbel')
-
-
-# args_type -----------------------------------------------------------------------------------------------------------
-
-def test_args_type_bool_is_strict():
-  parse = tools.args_type(True)
-  assert parse('True') is True and parse('False') is False
-  for text in ('true', 'false', '1', '0', 'yes', ''):
-    with pytest.raises(argparse.ArgumentTypeError):
-      parse(text)
-
-
-def test_args_type_int_accepts_scientific_whole_numbers():
-  parse = tools.args_type(5)
-  value = parse('5e6')
-  assert value == 5000000 and type(value) is int
-  assert parse('7') == 7 and parse('-3') == -3 and parse('1e4') == 10000
-  for text in ('0.5', 'abc', '1.5e0', 'inf', 'nan', ''):
-    with pytest.raises(argparse.ArgumentTypeError):
-      parse(text)
-
-
-def test_args_type_float_path_and_str(tmp_path, monkeypatch):
-  assert tools.args_type(1.0)('1e-3') == 0.001
-  monkeypatch.setenv('HOME', str(tmp_path))
-  path = tools.args_type(pathlib.Path('.'))('~/logdir')
-  assert isinstance(path, pathlib.Path) and path == tmp_path / 'logdir'
-  assert tools.args_type('dmc_walker_walk')('atari_pong') == 'atari_pong'
-
-
-def test_args_type_in_argparse(capsys):
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--steps', type=tools.args_type(5), default=5)
-  parser.add_argument('--pcont', type=tools.args_type(False), default=False)
-  config = parser.parse_args(['--steps', '1e3', '--pcont', 'True'])
-  assert config.steps == 1000 and config.pcont is True
-  with pytest.raises(SystemExit):
-    parser.parse_args(['--steps', '0.5'])
-  assert '0.5' in capsys.readouterr().err
 
 
 # Episodes on disk ----------------------------------------------------------------------------------------------------
