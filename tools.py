@@ -108,6 +108,56 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis):
   return returns
 
 
+def nstep_return(reward, value, pcont, bootstrap, steps):
+  """The paper's V_N^k, time-major: reward, value, pcont [T, ...], bootstrap [...] (the value after the last
+  step) -> [T, ...] with
+
+    R_t = sum_{n=t}^{h-1} (p_t ... p_{n-1}) r_n + (p_t ... p_{h-1}) v_h,   h = min(t + steps, T),  v_T = bootstrap,
+
+  so every estimate is cut at the horizon and bootstrapped there. steps=1 is lambda_return at lambda 0, steps >= T
+  the one at lambda 1. Built as `steps` backups R <- r + p * R[1:] of the values, each one step deeper."""
+  assert reward.shape.ndims == value.shape.ndims, (reward.shape, value.shape)
+  assert steps >= 1, steps
+  if isinstance(pcont, (int, float)):
+    pcont = pcont * tf.ones_like(reward)
+  if reward.shape[0] is not None:
+    steps = min(steps, reward.shape[0])  # Deeper backups change nothing: the horizon cuts them.
+  returns = tf.concat([value, bootstrap[None]], 0)  # [T + 1, ...], the 0-step estimates.
+  for _ in range(steps):
+    returns = tf.concat([reward + pcont * returns[1:], bootstrap[None]], 0)
+  return returns[:-1]
+
+
+VALUE_ESTIMATES = ('lambda', 'nstep', 'reward')
+
+
+def value_estimate(kind, reward, value, pcont, lambda_, nstep=None):
+  """The value estimate of the imagined states that the actor maximizes and the value model regresses (the paper's
+  V_lambda, V_N^k and V_R). reward, value, pcont: [H, N] over the H imagined states, time-major (value may be None
+  for 'reward'); returns [H-1, N] float32 for the first H-1 states, the last one serving as the bootstrap.
+
+  lambda: lambda_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_) exactly as Dreamer calls it.
+  nstep:  nstep_return with k = `nstep` on the same arguments.
+  reward: no value model: R_t = sum_{n=t}^{H-1} (p_t ... p_{n-1}) r_n, every reward up to the horizon including the
+          last one, discounted by pcont. That is the paper's code (scripts/configs.py `actor`: no value head;
+          training/utility.py compute_action_values then returns control.discounted_return(reward, pcont)
+          with pcont = action_discount (0.99) or the pcont head's mean, no bootstrap); the paper's text writes the
+          sum undiscounted. The paper's code also keeps R_{H-1} = r_{H-1} as an [H]-th entry and does not weight
+          these returns by the cumulative discount; here the shape stays [H-1, N] like the other estimates.
+  """
+  if kind == 'lambda':
+    return lambda_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=lambda_, axis=0)
+  if kind == 'nstep':
+    if not nstep or nstep < 1:
+      raise ValueError(f'The n-step value estimate needs nstep >= 1, got {nstep}.')
+    return nstep_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], steps=nstep)
+  if kind == 'reward':
+    # lambda 1 leaves the values out; bootstrapping with the last reward adds it to every return.
+    return lambda_return(
+        reward[:-1], tf.zeros_like(reward[:-1]), pcont[:-1], bootstrap=reward[-1], lambda_=1.0, axis=0)
+  raise NotImplementedError(f"Unknown value estimate '{kind}'. Choose one of: {', '.join(VALUE_ESTIMATES)}.")
+
+
 # Distributions ------------------------------------------------------------------------------------------------------
 
 class _ZeroNoise:
