@@ -193,10 +193,18 @@ class _MLP(keras.layers.Layer):
   def _forward(self, features):
     """[..., F] -> [..., out] float32. Works on [N, F] so each Dense is one fused matmul + bias + activation
     (on [B, T, F] Keras goes through tensordot, which oneDNN cannot fuse)."""
+    return self._unflatten(tf.cast(self.hout(self._trunk(features)), tf.float32), features)
+
+  def _trunk(self, features):
+    """[..., F] -> the last hidden layer's output [N, units], N the product of the leading dimensions."""
     x = tf.reshape(features, [-1, features.shape[-1]])
     for layer in self._hidden:
       x = layer(x)
-    x = tf.cast(self.hout(x), tf.float32)
+    return x
+
+  @staticmethod
+  def _unflatten(x, features):
+    """[N, out] -> [..., out] with the leading dimensions of `features`."""
     return tf.reshape(x, tf.concat([tf.shape(features)[:-1], [x.shape[-1]]], 0))
 
 
@@ -242,3 +250,29 @@ class ActionDecoder(_MLP):
       dist = tfd.Independent(dist, 1)
       return tools.SampleDist(dist)
     return tools.OneHotDist(x, gradient='score' if self._dist == 'onehot_score' else 'straight')
+
+
+class StateModel(_MLP):
+  """The contrastive representation's state model q(feat | embed), the paper's code's `cpc` head
+  (scripts/configs.py `cpc_head`, built in training/define_model.py on the encoder's embedding with the feature
+  size as its data shape; networks/basic.py feed_forward with dist 'normal' and std 'learned'): `layers` x
+  Dense(units, act), then a mean (hout) and a std (hstd) layer on the last hidden layer, std =
+  softplus(x + softplus^-1(init_std)) + min_std. embed [..., E] -> Independent(Normal(mean, std), 1) over
+  [..., size], parameters float32. Its log-probs are the scores of tools.contrastive_loss."""
+
+  def __init__(self, size, layers=3, units=400, act='elu', min_std=1e-2, init_std=1.0, **kwargs):
+    super().__init__(layers, units, size, act, **kwargs)
+    self.hstd = keras.layers.Dense(size, name='hstd')
+    self._min_std = min_std
+    self._init_std = init_std
+
+  @property
+  def dense_layers(self):
+    return self._hidden + [self.hout, self.hstd]
+
+  def call(self, embed):
+    x = self._trunk(embed)
+    mean = self._unflatten(tf.cast(self.hout(x), tf.float32), embed)
+    std = self._unflatten(tf.cast(self.hstd(x), tf.float32), embed)
+    std = tf.nn.softplus(std + np.log(np.exp(self._init_std) - 1)) + self._min_std
+    return tfd.Independent(tfd.Normal(mean, std), 1)

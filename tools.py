@@ -69,6 +69,113 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis):
   return returns
 
 
+def nstep_return(reward, value, pcont, bootstrap, steps):
+  """The paper's V_N^k, time-major: reward, value, pcont [T, ...], bootstrap [...] (the value after the last
+  step) -> [T, ...] with
+
+    R_t = sum_{n=t}^{h-1} (p_t ... p_{n-1}) r_n + (p_t ... p_{h-1}) v_h,   h = min(t + steps, T),  v_T = bootstrap,
+
+  so every estimate is cut at the horizon and bootstrapped there. steps=1 is lambda_return at lambda 0, steps >= T
+  the one at lambda 1. Built as `steps` backups R <- r + p * R[1:] of the values, each one step deeper."""
+  assert reward.shape.ndims == value.shape.ndims, (reward.shape, value.shape)
+  assert steps >= 1, steps
+  if isinstance(pcont, (int, float)):
+    pcont = pcont * tf.ones_like(reward)
+  if reward.shape[0] is not None:
+    steps = min(steps, reward.shape[0])  # Deeper backups change nothing: the horizon cuts them.
+  returns = tf.concat([value, bootstrap[None]], 0)  # [T + 1, ...], the 0-step estimates.
+  for _ in range(steps):
+    returns = tf.concat([reward + pcont * returns[1:], bootstrap[None]], 0)
+  return returns[:-1]
+
+
+VALUE_ESTIMATES = ('lambda', 'nstep', 'reward')
+
+
+def value_estimate(kind, reward, value, pcont, lambda_, nstep=None):
+  """The value estimate of the imagined states that the actor maximizes and the value model regresses (the paper's
+  V_lambda, V_N^k and V_R). reward, value, pcont: [H, N] over the H imagined states, time-major (value may be None
+  for 'reward'); returns [H-1, N] float32 for the first H-1 states, the last one serving as the bootstrap.
+
+  lambda: lambda_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_) exactly as Dreamer calls it.
+  nstep:  nstep_return with k = `nstep` on the same arguments.
+  reward: no value model: R_t = sum_{n=t}^{H-1} (p_t ... p_{n-1}) r_n, every reward up to the horizon including the
+          last one, discounted by pcont. That is the paper's code (scripts/configs.py `actor`: no value head;
+          training/utility.py compute_action_values then returns control.discounted_return(reward, pcont)
+          with pcont = action_discount (0.99) or the pcont head's mean, no bootstrap); the paper's text writes the
+          sum undiscounted. The paper's code also keeps R_{H-1} = r_{H-1} as an [H]-th entry and does not weight
+          these returns by the cumulative discount; here the shape stays [H-1, N] like the other estimates.
+  """
+  if kind == 'lambda':
+    return lambda_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], lambda_=lambda_, axis=0)
+  if kind == 'nstep':
+    if not nstep or nstep < 1:
+      raise ValueError(f'The n-step value estimate needs nstep >= 1, got {nstep}.')
+    return nstep_return(reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1], steps=nstep)
+  if kind == 'reward':
+    # lambda 1 leaves the values out; bootstrapping with the last reward adds it to every return.
+    return lambda_return(
+        reward[:-1], tf.zeros_like(reward[:-1]), pcont[:-1], bootstrap=reward[-1], lambda_=1.0, axis=0)
+  raise NotImplementedError(f"Unknown value estimate '{kind}'. Choose one of: {', '.join(VALUE_ESTIMATES)}.")
+
+
+
+# Contrastive representation -----------------------------------------------------------------------------------------
+
+def contrastive_loss(mean, std, feat, batch_amount=10, time_amount=30):
+  """The paper's NCE objective for a world model without a decoder, as its code computes it (training/utility.py
+  compute_cpc_loss with the default cpc_contrast 'window', cpc_batch_amount 10, cpc_time_amount 30).
+
+  mean, std [B, T, F] float32: the state model q(feat | embed) of each step (models.StateModel on the embedding).
+  feat [B, T, F]: the posterior features of the same steps (any float dtype; scored in float32).
+  The score of a pair is log q(feat' | embed) = log Normal(feat'; mean, std) summed over F. Each step (b, t)
+  contrasts its own feature with those of the steps (b - i, t - j) (cyclically) for the window of batch shifts i in
+  [-bb // 2, bb - bb // 2) and time shifts j in [-tt // 2, tt - tt // 2), bb = min(batch_amount, B),
+  tt = min(time_amount, T); the window includes the step itself. Per step:
+    objective = score(own feature) - logsumexp over the window of score(feature),
+  so the contrast is over states for a fixed observation (the paper's text writes the sum over observations for a
+  fixed state; the code, followed here, sums over states). The paper's code asserts the amounts fit the batch;
+  clamping them instead uses every step of a small batch (4 x 20 contrasts each step with all 80) and never counts
+  a step twice. Under a distribution strategy the negatives come from the replica's own part of the batch.
+
+  Returns (loss, accuracy), float32 scalars: loss = -mean(objective); accuracy = the fraction of steps whose own
+  feature scores highest in their window (not in the paper's code; a diagnostic). Gradients reach mean, std and
+  feat. Computed as one [BT, BT] matrix of scores (three matmuls) instead of the code's loop over rolled copies;
+  the own scores are computed directly, so they are exact.
+  """
+  B, T, F = feat.shape
+  assert B is not None and T is not None and F is not None, feat.shape  # The window is built in numpy.
+  assert mean.shape == std.shape == (B, T, F), (mean.shape, std.shape, feat.shape)
+  feat = tf.reshape(tf.cast(feat, tf.float32), [B * T, F])
+  mean, std = tf.reshape(mean, [B * T, F]), tf.reshape(std, [B * T, F])
+  # log N(x_j; m_i, s_i) = -1/2 sum_f (x_jf - m_if)^2 / s_if^2 - sum_f log s_if - F/2 log 2 pi, the square expanded
+  # so that every pair (i, j) comes from matmuls: [BT, BT], rows the state models, columns the features.
+  precision = 1 / tf.square(std)
+  square = (tf.matmul(precision, tf.square(feat), transpose_b=True)
+            - 2 * tf.matmul(precision * mean, feat, transpose_b=True)
+            + tf.reduce_sum(precision * tf.square(mean), -1, keepdims=True))
+  norm = -tf.reduce_sum(tf.math.log(std), -1, keepdims=True) - 0.5 * F * np.log(2 * np.pi)
+  positive = tf.reduce_sum(tfd.Normal(mean, std).log_prob(feat), -1)  # [BT]
+  score = tf.linalg.set_diag(norm - 0.5 * square, positive)
+  window = tf.constant(_contrast_window(B, T, batch_amount, time_amount))
+  score = tf.where(window, score, -np.inf)
+  objective = positive - tf.reduce_logsumexp(score, -1)
+  loss = -tf.reduce_mean(objective)
+  accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(score, -1, output_type=tf.int32), tf.range(B * T)), tf.float32))
+  return loss, accuracy
+
+
+def _contrast_window(B, T, batch_amount, time_amount):
+  """bool [B * T, B * T]: whether step j = (b', t') is in the window of step i = (b, t), that is b - b' and t - t'
+  (mod B, T) are among the shifts of compute_cpc_loss's rolls (see contrastive_loss)."""
+  def axis(size, amount):
+    amount = min(amount, size)
+    shifts = (np.arange(amount) - amount // 2) % size
+    delta = (np.arange(size)[:, None] - np.arange(size)[None]) % size
+    return np.isin(delta, shifts)
+  window = axis(B, batch_amount)[:, None, :, None] & axis(T, time_amount)[None, :, None, :]
+  return window.reshape(B * T, B * T)
+
 # Distributions ------------------------------------------------------------------------------------------------------
 
 class _ZeroNoise:
