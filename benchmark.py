@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
 import runtime
+import seeds
 import tools
 
 
@@ -138,7 +139,7 @@ def spread(values):
               n=len(values))
 
 
-def run(config, agent_class, make_env, policy_name, process_start):
+def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
   """Measures everything; returns the dict written to benchmark.json."""
   result = collections.OrderedDict()
   gpus = tf.config.list_physical_devices('GPU')
@@ -152,7 +153,7 @@ def run(config, agent_class, make_env, policy_name, process_start):
 
   env = make_env(config, 'test', 0)
   try:
-    result.update(_measure(config, agent_class, env, process_start, policy_name))
+    result.update(_measure(config, make_agent, make_dataset, env, process_start, policy_name))
   finally:
     env.close()
 
@@ -165,7 +166,7 @@ def run(config, agent_class, make_env, policy_name, process_start):
   return result
 
 
-def _measure(config, agent_class, env, process_start, policy_name):
+def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
   result = {}
   space = env.action_space
   space.seed(config.seed)
@@ -173,25 +174,27 @@ def _measure(config, agent_class, env, process_start, policy_name):
     actdim = int(space.n if hasattr(space, 'n') else space.shape[0])
     synthetic_episodes(datadir, config, actdim)
     start = time.perf_counter()
-    agent = agent_class(config, datadir, space)  # Builds and makes the first train step (tracing included).
+    dataset = make_dataset(datadir)
+    agent = make_agent(space)
+    train = lambda data, update: agent.train(data, seeds.train_step(config.seed, update))['model_loss'].numpy()
+    train(next(dataset), 1)  # The first train step (tracing included), as the loop's build step.
     result['first_train_step_s'] = time.perf_counter() - start
     result['first_train_step_since_process_start_s'] = time.perf_counter() - process_start
-    data = [next(agent._dataset) for _ in range(2)]
-    for batch in data:  # Warm-up; meanwhile the input pipeline fills its prefetch buffer.
-      agent.train(batch)['model_loss'].numpy()
+    data = [next(dataset) for _ in range(2)]
+    for update, batch in enumerate(data, 2):  # Warm-up; meanwhile the input pipeline fills its prefetch buffer.
+      train(batch, update)
     times = []
-    for _ in range(9):  # Steady state: each step takes a batch and the pipeline makes the next one alongside.
+    for update in range(4, 13):  # Steady state: each step takes a batch and the pipeline makes the next alongside.
       start = time.perf_counter()
-      agent.train(next(agent._dataset))['model_loss'].numpy()
+      train(next(dataset), update)
       times.append(time.perf_counter() - start)
     result['train_step_s'] = spread(times)
-    seed = tf.constant([config.seed, 0], tf.int64)
-    flops = graph_flops(agent._train_graph.get_concrete_function(data[0], seed).graph)
+    flops = graph_flops(agent.train_graph(data[0], seeds.train_step(config.seed, 0)))
     result['gflop_per_train_step'] = sum(flops.values()) / 1e9
     result['gflop_by_op'] = {k: v / 1e9 for k, v in flops.most_common(6)}
     result['achieved_gflops'] = result['gflop_per_train_step'] / result['train_step_s']['median']
     try:
-      by_kind, by_part = op_profile(lambda: agent.train(data[1])['model_loss'].numpy())
+      by_kind, by_part = op_profile(lambda: train(data[1], 13))
       result['op_ms_by_kind'], result['op_ms_by_part'] = by_kind, by_part
     except Exception as e:  # The profile is extra information; the measurements stand without it.
       print(f'No op profile: {e}')

@@ -58,7 +58,7 @@ def build_agent(config, actdim, checkpoint):
   import keras
   keras.mixed_precision.set_global_policy('float32')
   actspace = spaces.Discrete(actdim) if config.action_dist in flags.ONEHOT else spaces.Box(-1, 1, (actdim,))
-  agent = dreamer.Dreamer(config, None, actspace)
+  agent = dreamer.Dreamer(config, actspace)
   agent.load(checkpoint)
   return agent
 

@@ -16,6 +16,7 @@ sys.path.append(str(pathlib.Path(__file__).parent))
 
 import flags
 import runtime
+import seeds
 from flags import UserError, check_config, define_config, parse_args  # The flags' one source is flags.FLAGS.
 
 runtime.configure()  # Before TensorFlow is imported: logging, headless rendering, oneDNN (see runtime.py).
@@ -31,13 +32,11 @@ tf.get_logger().setLevel('ERROR')
 import keras
 from tensorflow_probability import distributions as tfd
 
+import loop
 import models
 import tools
 import wrappers
-
-
-class NonFiniteError(RuntimeError):
-  """Every train step of a round was non-finite."""
+from loop import NonFiniteError
 
 
 # Precision ----------------------------------------------------------------------------------------------------------
@@ -79,80 +78,32 @@ METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss', 'div', 'expl_amount', 
 
 
 class Dreamer:
+  """The agent: its networks, the policy, the train step (returning metrics) and the checkpoint table. The loop
+  that decides when to act, train, log and save is loop.py."""
 
-  def __init__(self, config, datadir, actspace, writer=None, progress=None, strategy=None):
-    """With datadir None the agent has no replay (evaluation, comparisons): its variables are created without data
-    and no train step is made. Otherwise it trains one step on a real batch, as the reference does.
-
-    `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's batch over its replicas;
-    None trains on the default device."""
+  def __init__(self, config, actspace, strategy=None):
+    """Builds every variable with a forward pass on zeros (no train step: the loop makes the reference's first
+    update on a real batch). `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's
+    batch over its replicas; None trains on the default device."""
     self._strategy = strategy or tf.distribute.get_strategy()
     self._replicas = self._strategy.num_replicas_in_sync
     check_replicas(config, self._replicas)
     with self._strategy.scope():
-      self._init(config, datadir, actspace, writer, progress)
+      self._c = config
+      self._actdim = int(actspace.n if hasattr(actspace, 'n') else actspace.shape[0])
+      # Only in the checkpoint (its first entry, as the reference's agent step): written by save.
+      self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self._metrics = {name: Mean() for name in metric_names(config)}
+      self._float = keras.mixed_precision.global_policy().compute_dtype
+      self._build_model()
 
-  def _init(self, config, datadir, actspace, writer, progress):
-    self._c = config
-    self._actspace = actspace
-    self._actdim = int(actspace.n if hasattr(actspace, 'n') else actspace.shape[0])
-    self._writer = writer
-    self._progress = progress if progress is not None else {}
-    self._step = tf.Variable(count_steps(datadir, config) if datadir else 0, dtype=tf.int64, trainable=False)
-    self._should_pretrain = tools.Once()
-    self._should_train = tools.Every(config.train_every)
-    self._should_log = tools.Every(config.log_every)
-    self._last_log = None
-    self._last_time = time.time()
-    self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
-    self._skipped = tf.Variable(0.0, trainable=False)  # Skipped steps in the current round (not checkpointed).
-    names = ['expl_amount']
-    if config.log_scalars:
-      names = list(METRICS) + (['pcont_loss'] if config.pcont else [])
-    self._metrics = {name: Mean() for name in sorted(names)}
-    self._float = keras.mixed_precision.global_policy().compute_dtype
-    self._dataset = None
-    if datadir:
-      make = lambda ctx: load_dataset(datadir, config, ctx.get_per_replica_batch_size(config.batch_size),
-                                      config.seed + ctx.input_pipeline_id)
-      self._dataset = iter(self._strategy.distribute_datasets_from_function(make))
-    self._updates = int(self._step.numpy()) * 1000  # Seeds the train steps' noise; differs after a resume.
-    self._build_model()
-
-  def __call__(self, obs, reset, state=None, training=True):
-    step = int(self._step.numpy())
-    # As in the reference, the schedule is also checked during evaluation: the very first call of a run
-    # (the first evaluation) does the pretraining round.
-    if self._dataset is not None and self._should_train(step):
-      log = self._should_log(step)
-      n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
-      print(f'Training for {n} steps.')
-      self._skipped.assign(0.0)
-      for train_step in range(n):
-        data = next(self._dataset)
-        if log and train_step == 0 and self._c.log_images:
-          self._log_openl(data)
-        self.train(data)
-      skipped = int(self._skipped.numpy())  # Read once per round, so train steps are not synchronized.
-      self._nonfinite += skipped
-      if n and skipped == n:
-        raise NonFiniteError(
-            f'All {n} train steps of this round at step {step} had non-finite losses or gradients and were '
-            'skipped; the run stops. The last checkpoint is untouched. Try a lower learning rate, --precision 32 '
-            'or --grad_clip.')
-      if log:
-        self._write_summaries()
-    action, state = self.policy(obs, reset, state, training)
-    if training:
-      self._step.assign_add(len(reset) * self._c.action_repeat)
-    return action, state
-
-  def policy(self, obs, reset, state, training):
-    """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state."""
+  def policy(self, obs, reset, state, training, step=0):
+    """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state. `step`
+    (env steps taken) sets the exploration amount."""
     image = tf.convert_to_tensor(obs['image'])
     if state is None:
       state = (self._dynamics.initial(len(obs['image'])), tf.zeros((len(obs['image']), self._actdim)))
-    amount = self._expl_amount(training)
+    amount = self._expl_amount(training, step)
     if training:
       self._metrics['expl_amount'].update_state(amount)
     action, state = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
@@ -174,12 +125,11 @@ class Dreamer:
     action = self._exploration(action, training, amount)
     return action, (latent, action)
 
-  def _expl_amount(self, training):
+  def _expl_amount(self, training, step):
     if not training:
       return float(self._c.eval_noise)
     c = self._c
-    return tools.exploration_amount(
-        float(self._step.numpy()), c.expl_amount, c.expl_decay, c.expl_min, c.expl_schedule)
+    return tools.exploration_amount(float(step), c.expl_amount, c.expl_decay, c.expl_min, c.expl_schedule)
 
   def _exploration(self, action, training, amount):
     if not training and not self._c.eval_noise:
@@ -195,13 +145,24 @@ class Dreamer:
           tf.one_hot(indices, self._actdim, dtype=action.dtype), action)
     raise NotImplementedError(self._c.expl)
 
-  def train(self, data, seed=None):
+  def train(self, data, seed):
     """One update of all three parts on a batch (split over the replicas); returns the metrics as means over the
-    whole batch. `seed` [2] int64 seeds the step's sampling; by default a new one per call."""
-    if seed is None:
-      self._updates += 1
-      seed = tf.constant([self._c.seed, self._updates], tf.int64)
+    whole batch (the scalar ones also accumulate into pop_metrics). `seed` [2] int64 seeds the step's sampling
+    (seeds.train_step), or tools.ZERO_NOISE for the noise-free step."""
+    if seed is not tools.ZERO_NOISE:
+      seed = tf.convert_to_tensor(seed, tf.int64)
     return self._train_graph(data, seed)
+
+  def pop_metrics(self):
+    """{name: mean since the last call} of the metrics the checkpoint keeps; resets them."""
+    means = {name: metric.result() for name, metric in self._metrics.items()}
+    for metric in self._metrics.values():
+      metric.reset_states()
+    return means
+
+  def train_graph(self, data, seed):
+    """The traced train step for these inputs (for counting its FLOPs)."""
+    return self._train_graph.get_concrete_function(data, tf.convert_to_tensor(seed, tf.int64)).graph
 
   def train_probe(self, data, seed=tools.ZERO_NOISE):
     """The same update as `train` (it changes the weights), traced with extra outputs for comparisons with the
@@ -217,7 +178,6 @@ class Dreamer:
     rank = lambda v: self._strategy.experimental_local_results(v)[0].shape.rank
     metrics = {k: self._strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) if rank(v) == 0
                else self._strategy.gather(v, axis=0) for k, v in metrics.items()}
-    self._skipped.assign_add(metrics['nonfinite'])
     if self._c.log_scalars:
       for name, value in metrics.items():
         if name in self._metrics:
@@ -352,8 +312,6 @@ class Dreamer:
     self._actor_opt = Optimizer('actor', [self._actor], c.actor_lr)
     for opt in (self._model_opt, self._value_opt, self._actor_opt):
       opt.variables  # Creates the slots outside tf.function, so the train step is traced once.
-    if self._dataset is not None:
-      self.train(next(self._dataset))  # A real update, as the reference's build step.
 
   def _build_variables(self):
     """Creates every layer's variables with a forward pass on zeros."""
@@ -366,29 +324,25 @@ class Dreamer:
   # Checkpoints ------------------------------------------------------------------------------------------------------
 
   def checkpoint_table(self):
-    """(name, variable) in the reference's variables.pkl order: its tf.Module traversal of the agent (attributes
-    sorted by name, variables of a module before its submodules, each variable once)."""
-    dense = lambda prefix, layers: [
-        (f'{prefix}/{layer.name}/{w}', getattr(layer, w)) for layer in layers for w in ('kernel', 'bias')]
-    enc, dyn, dec = self._encode, self._dynamics, self._decode
-    table = [('_step', self._step)]
-    table += dense('_actor', self._actor.dense_layers)
-    table += dense('_decode', [dec.h1, dec.h2, dec.h3, dec.h4, dec.h5])
-    cell = dyn._cell
-    table += [('_dynamics/_cell/kernel', cell.kernel), ('_dynamics/_cell/recurrent_kernel', cell.recurrent_kernel),
-              ('_dynamics/_cell/bias', cell.bias)]
-    table += dense('_dynamics', [dyn.img1, dyn.img2, dyn.img3, dyn.obs1, dyn.obs2])
-    table += dense('_encode', [enc.h1, enc.h2, enc.h3, enc.h4])
-    for name, metric in self._metrics.items():  # Sorted by name.
-      table += [(f'_metrics/{name}/total', metric.total), (f'_metrics/{name}/count', metric.count)]
-    # The reward and pcont heads are reached through the model optimizer, which sorts before them.
-    table += dense('_reward', self._reward.dense_layers)
-    if self._c.pcont:
-      table += dense('_pcont', self._pcont.dense_layers)
-    table += dense('_value', self._value.dense_layers)
-    return table
+    """(name, variable) in the reference's variables.pkl order (checkpoint_names)."""
+    return [(name, self._variable(name)) for name in checkpoint_names(self._c)]
 
-  def save(self, filename):
+  def _variable(self, name):
+    """The variable a checkpoint name denotes: `_step`, `_metrics/<metric>/<total|count>`, or
+    `_<module>/<layer>/<weight>` with the layer an attribute of the module or one of its dense layers."""
+    parts = name.split('/')
+    if parts[0] == '_step':
+      return self._step
+    if parts[0] == '_metrics':
+      return getattr(self._metrics[parts[1]], parts[2])
+    module = getattr(self, parts[0])
+    layers = {layer.name: layer for layer in getattr(module, 'dense_layers', [])}
+    layer = layers[parts[1]] if parts[1] in layers else getattr(module, parts[1])
+    return getattr(layer, parts[2])
+
+  def save(self, filename, step):
+    """Writes variables.pkl with `step` (env steps taken) as its `_step` entry."""
+    self._step.assign(step)
     tools.write_checkpoint(filename, [v.numpy() for _, v in self.checkpoint_table()])
 
   def load(self, filename):
@@ -398,7 +352,7 @@ class Dreamer:
     if len(values) != len(table):
       raise tools.CheckpointError(
           f'Checkpoint {filename} has {len(values)} arrays, this agent has {len(table)}; '
-          f'it was written with other flags. Likely differing: {count_hint(len(values) - len(table))}.')
+          f'it was written with other flags. It fits: {count_hint(self._c, len(values))}.')
     for index, ((name, var), value) in enumerate(zip(table, values)):
       dtype = np.dtype(tf.as_dtype(var.dtype).as_numpy_dtype)
       if tuple(var.shape) != value.shape or dtype != value.dtype:
@@ -408,7 +362,6 @@ class Dreamer:
             f'Likely differing: {entry_hint(name)}.')
     for (_, var), value in zip(table, values):
       var.assign(value)
-    self._should_pretrain()  # A loaded agent skips the pretraining round.
     return int(values[0])
 
   # Summaries --------------------------------------------------------------------------------------------------------
@@ -428,54 +381,47 @@ class Dreamer:
     error = (model - truth + 1) / 2
     return tf.concat([truth, model, error], 2)
 
-  def _log_openl(self, data):
-    if self._writer is None or self._c.batch_length <= 5:
-      return
-    data = self._strategy.experimental_local_results(data)[0]  # The first replica's part of the batch.
-    video = self._openl(data).numpy()
-    with self._writer.as_default():
-      tools.video_summary('agent/openl', video, int(self._step.numpy()))
-
-  def _write_summaries(self):
-    step = int(self._step.numpy())
-    metrics = [(k, v.result()) for k, v in self._metrics.items()]
-    metrics.append(('nonfinite_steps', self._nonfinite))
-    self._nonfinite = 0
-    if self._last_log is not None:
-      duration = time.time() - self._last_time
-      self._last_time += duration
-      metrics.append(('fps', (step - self._last_log) / duration))
-    self._last_log = step
-    [m.reset_states() for m in self._metrics.values()]
-    with (self._c.logdir / 'metrics.jsonl').open('a') as f:
-      f.write(json.dumps({'step': step, **dict(metrics)}) + '\n')
-    if self._writer is not None:
-      with self._writer.as_default():
-        [tf.summary.scalar('agent/' + k, m, step) for k, m in metrics]
-      self._writer.flush()
-    print(f'[{step}]', ' / '.join(f'{k} {v:.1f}' for k, v in metrics))
-    self._print_progress(step, dict(metrics).get('fps'))
-
-  def _print_progress(self, step, fps):
-    parts = [f'step {step}/{self._c.steps}']
-    if fps:
-      parts.append(f'{fps:.1f} steps/s')
-    for key in ('train/return', 'test/return'):
-      if key in self._progress:
-        parts.append(f'{key} {self._progress[key]:.1f}')
-    if fps:
-      left = max(0, self._c.steps - step) / fps
-      parts.append(f'time left {left / 3600:.1f} h')
-    print('Progress:', ' | '.join(parts), flush=True)
+  def openl(self, data):
+    """The open-loop video of `data` (numpy [6, T, 3 * 64, 64, 3] in [0, 1]); under a strategy, of the first
+    replica's part of the batch."""
+    data = self._strategy.experimental_local_results(data)[0]
+    return self._openl(data).numpy()
 
 
-def count_hint(difference):
-  """Flags that change the number of arrays in variables.pkl by `difference` (checkpoint minus agent)."""
-  hints = {10: '--pcont (the checkpoint has a pcont head)', -10: '--pcont (the checkpoint has no pcont head)',
-           8: '--pcont (the checkpoint has a pcont head)', -8: '--pcont (the checkpoint has no pcont head)',
-           24: '--log_scalars (the checkpoint has all metrics)', -24: '--log_scalars (the checkpoint has one metric)',
-           26: '--log_scalars', -26: '--log_scalars', 34: '--pcont and --log_scalars', -34: '--pcont and --log_scalars'}
-  return hints.get(difference, '--pcont, --log_scalars')
+def metric_names(config):
+  """The metrics the agent keeps (and its checkpoint holds), sorted by name."""
+  if not config.log_scalars:
+    return ['expl_amount']
+  return sorted(METRICS + (('pcont_loss',) if config.pcont else ()))
+
+
+def checkpoint_names(config):
+  """The entries of variables.pkl for a config, in the reference's order: its tf.Module traversal of the agent
+  (attributes sorted by name, variables of a module before its submodules, each variable once)."""
+  dense = lambda module, layers: [f'{module}/{layer}/{w}' for layer in layers for w in ('kernel', 'bias')]
+  names = ['_step']
+  names += dense('_actor', ['h0', 'h1', 'h2', 'h3', 'hout'])
+  names += dense('_decode', ['h1', 'h2', 'h3', 'h4', 'h5'])
+  names += [f'_dynamics/_cell/{w}' for w in ('kernel', 'recurrent_kernel', 'bias')]
+  names += dense('_dynamics', ['img1', 'img2', 'img3', 'obs1', 'obs2'])
+  names += dense('_encode', ['h1', 'h2', 'h3', 'h4'])
+  names += [f'_metrics/{name}/{part}' for name in metric_names(config) for part in ('total', 'count')]
+  # The reward and pcont heads are reached through the model optimizer, which sorts before them.
+  names += dense('_reward', ['h0', 'h1', 'hout'])
+  if config.pcont:
+    names += dense('_pcont', ['h0', 'h1', 'h2', 'hout'])
+  names += dense('_value', ['h0', 'h1', 'h2', 'hout'])
+  return names
+
+
+def count_hint(config, count):
+  """Which other settings of the flags that add or remove entries give variables.pkl `count` arrays."""
+  fits = []
+  for other in ({'pcont': not config.pcont}, {'log_scalars': not config.log_scalars},
+                {'pcont': not config.pcont, 'log_scalars': not config.log_scalars}):
+    if len(checkpoint_names(flags.AttrDict(config, **other))) == count:
+      fits.append(' and '.join(f'--{k} {v}' for k, v in other.items()))
+  return ' or '.join(fits) if fits else 'no other setting of --pcont and --log_scalars (another agent?)'
 
 
 def entry_hint(name):
@@ -517,6 +463,14 @@ def count_steps(datadir, config):
   return tools.count_episodes(datadir)[1] * config.action_repeat
 
 
+def make_dataset(datadir, config, strategy):
+  """An iterator of training batches, each split over the strategy's replicas (one input pipeline per worker,
+  seeded apart)."""
+  make = lambda ctx: load_dataset(datadir, config, ctx.get_per_replica_batch_size(config.batch_size),
+                                  seeds.dataset(config.seed, ctx.input_pipeline_id))
+  return iter(strategy.distribute_datasets_from_function(make))
+
+
 def load_dataset(directory, config, batch_size=None, seed=None):
   """Batches of [batch_size (default --batch_size), batch_length] windows drawn from the episodes on disk."""
   seed = config.seed if seed is None else seed
@@ -533,28 +487,10 @@ def load_dataset(directory, config, batch_size=None, seed=None):
 
 # Environments -------------------------------------------------------------------------------------------------------
 
-def summarize_episode(episode, config, datadir, writer, prefix, progress=None):
-  episodes, transitions = tools.count_episodes(datadir)  # One scan of the folder for both numbers.
-  step = transitions * config.action_repeat
-  length = (len(episode['reward']) - 1) * config.action_repeat
-  ret = tools.episode_return(episode)
-  print(f'{prefix.title()} episode of length {length} with return {ret:.1f}.')
-  metrics = [(f'{prefix}/return', ret), (f'{prefix}/length', len(episode['reward']) - 1), ('episodes', episodes)]
-  if progress is not None:
-    progress[f'{prefix}/return'] = ret
-  with (config.logdir / 'metrics.jsonl').open('a') as f:
-    f.write(json.dumps(dict([('step', step)] + metrics)) + '\n')
-  if writer is not None:
-    with writer.as_default():
-      [tf.summary.scalar('sim/' + k, v, step) for k, v in metrics]
-      if prefix == 'test':
-        tools.video_summary(f'sim/{prefix}/video', episode['image'][None], step)
-
-
 def make_env(config, prefix, index, worker=0):
   """An environment in its own worker process; `prefix` is train or test, `index` its number, `worker` the task
   index of a multi-worker run (so that workers collect different episodes)."""
-  seed = 10 ** 6 * worker + config.seed * 1000 + (0 if prefix == 'train' else 500) + index
+  seed = seeds.env(config.seed, prefix, index, worker)
   # With 'train', evaluation plays whole games, so test returns compare with the paper's.
   life_done = config.life_done == 'both' or (config.life_done == 'train' and prefix == 'train')
   kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
@@ -643,8 +579,8 @@ def main(config):
     return evaluate(config, checkpoint)
   if config.benchmark:
     import benchmark
-    result = benchmark.run(config, functools.partial(Dreamer, strategy=strategy), make_env, policy,
-                           PROCESS_START)
+    result = benchmark.run(config, lambda actspace: Dreamer(config, actspace, strategy),
+                           lambda datadir: make_dataset(datadir, config, strategy), make_env, policy, PROCESS_START)
     return benchmark.report(result, config.logdir)
   datadir = config.logdir / 'episodes'
   flags.check_resume(config, bool(tools.count_episodes(datadir)[0]) or (config.logdir / 'variables.pkl').exists())
@@ -652,52 +588,17 @@ def main(config):
     raise UserError(f'--prefill {config.prefill}: the replay in {datadir} is empty, so the agent has nothing to '
                     'learn from; use a positive --prefill.')
   writer = tf.summary.create_file_writer(str(config.logdir), max_queue=1000, flush_millis=20000)
-  progress = {}
   train_envs, test_envs = [], []
   try:
     for i in range(config.envs):
       train_envs.append(make_env(config, 'train', i, worker))
       test_envs.append(make_env(config, 'test', i, worker))
     actspace = train_envs[0].action_space
-    actspace.seed(config.seed + 10 ** 6 * worker)
+    actspace.seed(seeds.prefill(config.seed, worker))
     tools.write_json(config.logdir / 'config.json', dict(config))  # Once the task is known to exist.
-    on_train = lambda ep: (tools.save_episodes(datadir, [ep]),
-                           summarize_episode(ep, config, datadir, writer, 'train', progress))
-    on_test = lambda ep: summarize_episode(ep, config, datadir, writer, 'test', progress)
-
-    # Prefill dataset with random episodes.
-    step = count_steps(datadir, config)
-    prefill = max(0, config.prefill - step)
-    print(f'Prefill dataset with {prefill} steps.')
-    random_agent = lambda o, d, _: ([actspace.sample() for _ in d], None)
-    tools.simulate(random_agent, train_envs, prefill / config.action_repeat, on_episode=on_train)
-    writer.flush()
-
-    # Train and regularly evaluate the agent.
-    step = count_steps(datadir, config)
-    print(f'Simulating agent for {config.steps - step} steps.')
-    agent = Dreamer(config, datadir, actspace, writer, progress, strategy)
-    if checkpoint is None and (config.logdir / 'variables.pkl').exists():
-      checkpoint = config.logdir / 'variables.pkl'
-    if checkpoint:
-      print(f'Load checkpoint {checkpoint}.')
-      agent.load(checkpoint)
-      agent._step.assign(count_steps(datadir, config))  # The episodes on disk are the truth.
-    state = None
-    try:
-      while step < config.steps:
-        print('Start evaluation.')
-        tools.simulate(functools.partial(agent, training=False), test_envs, episodes=1, on_episode=on_test)
-        writer.flush()
-        print('Start collection.')
-        steps = config.eval_every // config.action_repeat
-        state = tools.simulate(agent, train_envs, steps, state=state, on_episode=on_train)
-        step = count_steps(datadir, config)
-        agent.save(config.logdir / 'variables.pkl')
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
-      agent.save(config.logdir / 'variables.pkl')
-      print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
-      raise
+    agent = lambda: Dreamer(config, actspace, strategy)
+    dataset = lambda: make_dataset(datadir, config, strategy)
+    loop.train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writer, checkpoint)
   finally:
     for env in train_envs + test_envs:
       env.close()
@@ -711,15 +612,15 @@ def evaluate(config, checkpoint):
   try:
     for i in range(config.envs):
       envs.append(make_env(config, 'test', i))
-    agent = Dreamer(config, None, envs[0].action_space)
+    agent = Dreamer(config, envs[0].action_space)
     step = agent.load(checkpoint)
     print(f'Loaded checkpoint {checkpoint} (step {step}); evaluating {config.eval_episodes} episodes.')
     episodes = []
     def on_episode(episode):
       episodes.append(episode)
       print(f'Eval episode {len(episodes)}: return {tools.episode_return(episode):.1f}.')
-    tools.simulate(functools.partial(agent, training=False), envs, episodes=config.eval_episodes,
-                   on_episode=on_episode)
+    policy = lambda obs, reset, state: agent.policy(obs, reset, state, training=False, step=step)
+    tools.simulate(policy, envs, episodes=config.eval_episodes, on_episode=on_episode)
   finally:
     for env in envs:
       env.close()

@@ -465,13 +465,7 @@ def save_episodes(directory, episodes):
     filename = directory / f'{timestamp}-{identifier}-{length}.npz'
     with io.BytesIO() as f:
       np.savez_compressed(f, **episode)
-      data = f.getvalue()
-    tmp = filename.with_name(filename.name + '.tmp')
-    with tmp.open('wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    tmp.replace(filename)
+      write_atomic(filename, f.getvalue())
     filenames.append(filename)
   return filenames
 
@@ -705,17 +699,20 @@ def read_checkpoint(filename):
 
 def write_checkpoint(filename, values):
   """Pickles a tuple of arrays (the reference's format) atomically: a crash leaves the previous file whole."""
-  filename = pathlib.Path(filename)
-  tmp = filename.with_name(filename.name + '.tmp')
-  with tmp.open('wb') as f:
-    pickle.dump(tuple(values), f, protocol=4)
-    f.flush()
-    os.fsync(f.fileno())
-  tmp.replace(filename)
+  write_atomic(filename, pickle.dumps(tuple(values), protocol=4))
 
 
 def write_json(filename, data):
+  write_atomic(filename, json.dumps(data, indent=1, default=str).encode())
+
+
+def write_atomic(filename, data):
+  """Writes bytes to a temporary name, syncs and renames: a crash at any moment leaves the old file or the new one
+  whole, never a part."""
   filename = pathlib.Path(filename)
   tmp = filename.with_name(filename.name + '.tmp')
-  tmp.write_text(json.dumps(data, indent=1, default=str))
+  with tmp.open('wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
   tmp.replace(filename)

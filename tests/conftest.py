@@ -54,4 +54,4 @@ def build_agent(argv, actspace):
   config = dreamer.parse_args(['--precision', '32', *argv])
   keras.mixed_precision.set_global_policy('float32')
   keras.utils.set_random_seed(config.seed)
-  return dreamer.Dreamer(config, None, actspace)
+  return dreamer.Dreamer(config, actspace)

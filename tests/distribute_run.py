@@ -32,12 +32,12 @@ def main(out, init, episodes, argv):
   strategy = dreamer.make_strategy(config)
   if os.environ.get('FLOAT16'):
     keras.mixed_precision.set_global_policy('mixed_float16')
-  agent = dreamer.Dreamer(config, None, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
+  agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
   init = pathlib.Path(init)
   if init.exists():
     agent.load(init)
   else:
-    agent.save(init)
+    agent.save(init, 0)
   # The same global batches for every run: the first windows of the episodes, in order.
   batches = []
   stream = tools.load_episodes(pathlib.Path(episodes), 1, config.batch_length, seed=0)

@@ -12,6 +12,7 @@ import tensorflow as tf
 from gymnasium import spaces
 
 import dreamer
+import loop
 import tools
 from conftest import build_agent
 
@@ -41,8 +42,8 @@ def steer_tanh_normal(agent, action):
   steer_actor(agent, np.concatenate([mean, np.full(len(action), -40.0)]))
 
 
-def act(agent, training, rows=N, seed=0):
-  action, _ = agent.policy(images(rows, seed), np.ones(rows, bool), None, training)
+def act(agent, training, rows=N, seed=0, step=0):
+  action, _ = agent.policy(images(rows, seed), np.ones(rows, bool), None, training, step)
   return action
 
 
@@ -131,32 +132,27 @@ def test_expl_amount_halves_every_expl_decay_steps_down_to_expl_min():
   agent = make_agent('--expl_amount', '0.4', '--expl_decay', '1000', '--expl_min', '0.1', '--eval_noise', '0.05')
   for step, amount in [(0, 0.4), (500, 0.4 / math.sqrt(2)), (1000, 0.2), (1500, 0.2 / math.sqrt(2)),
                        (2000, 0.1), (3000, 0.1), (10 ** 6, 0.1)]:
-    agent._step.assign(step)
-    assert agent._expl_amount(True) == pytest.approx(amount, rel=1e-12), step
-    assert agent._expl_amount(False) == 0.05  # Evaluation uses eval_noise, at any step.
+    assert agent._expl_amount(True, step) == pytest.approx(amount, rel=1e-12), step
+    assert agent._expl_amount(False, step) == 0.05  # Evaluation uses eval_noise, at any step.
   agent = make_agent('--expl_amount', '0.4', '--expl_decay', '1000')  # No floor.
-  agent._step.assign(3000)
-  assert agent._expl_amount(True) == pytest.approx(0.05, rel=1e-12)
+  assert agent._expl_amount(True, 3000) == pytest.approx(0.05, rel=1e-12)
   agent = make_agent('--expl_amount', '0.4')  # No decay.
-  agent._step.assign(10 ** 6)
-  assert agent._expl_amount(True) == 0.4
+  assert agent._expl_amount(True, 10 ** 6) == 0.4
 
 
 def test_policy_noise_follows_the_schedule_and_eval_noise():
   agent = make_agent('--expl_amount', '0.4', '--expl_decay', '1000', '--expl_min', '0.05', '--eval_noise', '0.1')
   steer_tanh_normal(agent, [0.0, 0.0, 0.0])
-  agent._step.assign(1000)  # One halving: 0.2.
-  noise = act(agent, training=True)
+  noise = act(agent, training=True, step=1000)  # One halving: 0.2.
   assert abs(noise.std() - 0.2) < 0.01  # Standard error 0.2 / sqrt(6N) = 0.0013 over the 3 dims.
   metric = agent._metrics['expl_amount']
   assert metric.result() == pytest.approx(0.2) and float(metric.count.numpy()) == 1
   # Evaluation: the actor's mode plus eval_noise, whatever the schedule says; not counted in the metric.
-  noise = act(agent, training=False, seed=1)
+  noise = act(agent, training=False, seed=1, step=1000)
   assert abs(noise.std() - 0.1) < 0.005
   assert float(metric.count.numpy()) == 1
   # Training after 5 halvings (0.0125) is floored at expl_min.
-  agent._step.assign(5000)
-  assert abs(act(agent, training=True, seed=2).std() - 0.05) < 0.0025
+  assert abs(act(agent, training=True, seed=2, step=5000).std() - 0.05) < 0.0025
 
 
 # Policy resets ------------------------------------------------------------------------------------------------------
@@ -251,33 +247,40 @@ def read_events(logdir):
   return scalars, tags
 
 
-def test_summarize_episode_writes_the_metrics_line_and_prints(tmp_path, capsys):
+def test_episode_summaries_write_the_metrics_line_and_print(tmp_path, capsys):
   config = dreamer.parse_args(['--logdir', str(tmp_path), '--action_repeat', '2'])
   datadir = tmp_path / 'episodes'
   episodes = [stored_episode(n, seed) for seed, n in enumerate([11, 21, 6])]
   tools.save_episodes(datadir, episodes)
   writer = tf.summary.create_file_writer(str(tmp_path))
-  progress = {}
+  counter = loop.Counter(datadir, config.action_repeat)  # Reads the episodes on disk once.
+  logger = loop.Logger(tmp_path, writer, config.steps)
   episode = episodes[1]
   ret = float(np.sum(episode['reward'].astype(np.float64)))
-  dreamer.summarize_episode(episode, config, datadir, writer, 'train', progress)
+  logger.episode(episode, 'train', counter)
   # The step is the environment steps stored on disk: (10 + 20 + 5) transitions x action repeat 2.
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert lines == [{'step': 70, 'train/return': pytest.approx(ret, rel=1e-12), 'train/length': 20, 'episodes': 3}]
   assert capsys.readouterr().out == f'Train episode of length 40 with return {ret:.1f}.\n'
-  assert progress == {'train/return': pytest.approx(ret, rel=1e-12)}
-  # A test episode is not stored: the counts are still those on disk, which now hold one more episode.
-  tools.save_episodes(datadir, [stored_episode(9, 3)])
+  # A test episode is not stored: the counts are those on disk, which now hold one more (saved by the loop).
+  saved = stored_episode(9, 3)
+  tools.save_episodes(datadir, [saved])
+  counter.add_episode(saved)
+  assert (counter.episodes, counter.stored) == (4, 2 * tools.count_episodes(datadir)[1])
   test = stored_episode(5, 4)
   test_ret = float(np.sum(test['reward'].astype(np.float64)))
-  dreamer.summarize_episode(test, config, datadir, writer, 'test', progress)
+  logger.episode(test, 'test', counter)
   line = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[1])
   assert line == {'step': 86, 'test/return': pytest.approx(test_ret, rel=1e-12), 'test/length': 4, 'episodes': 4}
   assert capsys.readouterr().out == f'Test episode of length 8 with return {test_ret:.1f}.\n'
-  assert progress['test/return'] == pytest.approx(test_ret, rel=1e-12)
+  # The progress line of the next scalar log shows the latest returns.
+  logger.train_metrics(100, [('model_loss', 1.0)])
+  out = capsys.readouterr().out
+  assert f'train/return {ret:.1f}' in out and f'test/return {test_ret:.1f}' in out and 'step 100/' in out, out
   writer.flush()
   scalars, tags = read_events(tmp_path)
   assert scalars['sim/train/return'] == [(70, pytest.approx(ret, rel=1e-6))]
   assert scalars['sim/train/length'] == [(70, 20)] and scalars['sim/test/length'] == [(86, 4)]
   assert scalars['sim/episodes'] == [(70, 3), (86, 4)]
+  assert scalars['agent/model_loss'] == [(100, 1.0)]
   assert 'sim/test/video/gif' in tags and not any(tag.startswith('sim/train/video') for tag in tags)

@@ -400,10 +400,8 @@ def test_agent_epsilon_follows_the_papers_linear_schedule(step, training, expect
   """Dreamer._expl_amount on the atari_* defaults at the agent's step (env steps); evaluation uses eval_noise."""
   import types
   import dreamer
-  import tensorflow as tf
-  agent = types.SimpleNamespace(_c=dreamer.parse_args(['--task', 'atari_pong']),
-                                _step=tf.Variable(int(step), dtype=tf.int64))
-  assert dreamer.Dreamer._expl_amount(agent, training) == pytest.approx(expected, abs=1e-9)
+  agent = types.SimpleNamespace(_c=dreamer.parse_args(['--task', 'atari_pong']))
+  assert dreamer.Dreamer._expl_amount(agent, training, step) == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize('args, message', [

@@ -72,8 +72,9 @@ def test_written_checkpoint_has_the_reference_structure(name, tmp_path):
   for port_name, var in table:
     assert resolve(agent, port_name) is var, port_name
   assert len({id(var) for _, var in table}) == len(table)
-  agent.save(tmp_path / 'variables.pkl')
+  agent.save(tmp_path / 'variables.pkl', 1234)
   values = tools.read_checkpoint(tmp_path / 'variables.pkl')
+  assert values[0] == 1234  # The step the loop passes.
   assert len(values) == len(expected)
   for value, (index, want, shape, dtype) in zip(values, expected):
     assert value.shape == shape and value.dtype == np.dtype(dtype), (index, want, value.shape, shape)
@@ -83,7 +84,7 @@ def test_written_checkpoint_has_the_reference_structure(name, tmp_path):
 
 def test_round_trip_restores_every_weight(tmp_path):
   first = build([], spaces.Box(-1, 1, (6,)))
-  first.save(tmp_path / 'variables.pkl')
+  first.save(tmp_path / 'variables.pkl', 0)
   second = build(['--seed', '1'], spaces.Box(-1, 1, (6,)))
   differs = [n for (n, a), (_, b) in zip(first.checkpoint_table(), second.checkpoint_table())
              if not np.array_equal(a.numpy(), b.numpy())]
@@ -109,14 +110,14 @@ def test_loading_a_different_config_assigns_nothing(argv, message):
 def test_save_is_atomic(tmp_path, monkeypatch):
   agent = build([], spaces.Box(-1, 1, (6,)))
   path = tmp_path / 'variables.pkl'
-  agent.save(path)
+  agent.save(path, 0)
   digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
-  def crash(*args, **kwargs):
+  def crash(*args, **kwargs):  # The new file's bytes are written, but it never reaches the disk whole.
     raise OSError('disk full')
-  monkeypatch.setattr(tools.pickle, 'dump', crash)
-  with pytest.raises(OSError):
-    agent.save(path)
+  monkeypatch.setattr(tools.os, 'fsync', crash)
+  with pytest.raises(OSError, match='disk full'):
+    agent.save(path, 10)
   assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
   tools.read_checkpoint(path)
 

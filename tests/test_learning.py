@@ -54,12 +54,13 @@ def test_world_model_loss_falls_and_actor_improves(datadir, tmp_path, seed):
       '--horizon', '10', '--actor_lr', '8e-4'])
   dreamer.setup(config)
   try:
-    agent = dreamer.Dreamer(config, datadir, wrappers.spaces.Box(-1, 1, (6,)))
-    data = next(agent._dataset)
+    agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)))
+    data = next(dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()))
+    agent.train(data, [seed, 0])  # The loop's build step.
     initial_actor = [v.numpy() for v in agent._actor.weights]
     model_loss = []
-    for _ in range(60):
-      metrics = agent.train(data)
+    for update in range(1, 61):
+      metrics = agent.train(data, [seed, update])
       model_loss.append(float(metrics['model_loss']))
       assert np.isfinite(float(metrics['actor_loss']))
     # Traced once per shape: the reference retraced its policy and leaked memory (its issue #19).

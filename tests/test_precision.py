@@ -5,6 +5,7 @@ import sys
 
 import keras
 import numpy as np
+import tensorflow as tf
 import pytest
 from gymnasium import spaces
 
@@ -29,9 +30,10 @@ def train(datadir, tmp_path, policy, monkeypatch, steps=3):
       '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3'])
   assert dreamer.setup(config) == policy
   try:
-    agent = dreamer.Dreamer(config, datadir, spaces.Box(-1, 1, (6,)))
-    data = next(agent._dataset)
-    metrics = [{k: float(np.mean(v)) for k, v in agent.train(data).items()} for _ in range(steps)]
+    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
+    data = next(dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()))
+    agent.train(data, [0, 0])  # The loop's build step.
+    metrics = [{k: float(np.mean(v)) for k, v in agent.train(data, [0, i]).items()} for i in range(1, steps + 1)]
     return agent, metrics
   finally:
     keras.mixed_precision.set_global_policy('float32')

@@ -10,12 +10,14 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from gymnasium import spaces
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dreamer  # noqa: E402
+import loop  # noqa: E402
 import tools  # noqa: E402
 from test_dreamer import TINY  # noqa: E402
 
@@ -37,32 +39,36 @@ def agent(tmp_path):
       '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
       '--train_steps', '3', '--pretrain', '3', '--train_every', '10'])
   dreamer.setup(config)
-  yield dreamer.Dreamer(config, tmp_path / 'episodes', spaces.Box(-1, 1, (6,)))
+  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
+  yield agent, dreamer.make_dataset(tmp_path / 'episodes', config, tf.distribute.get_strategy()), config
   keras.mixed_precision.set_global_policy('float32')
 
 
-def nan_batches(agent):
-  data = next(agent._dataset)
+def nan_batches(dataset):
+  data = next(dataset)
   data = dict(data, action=data['action'] * np.nan)  # Every loss and gradient becomes NaN.
   return iter(lambda: data, None)
 
 
 def test_nonfinite_step_is_skipped_and_counted(agent):
+  agent, dataset, _ = agent
   before = [v.numpy().copy() for _, v in agent.checkpoint_table()[1:]]
-  metrics = agent.train(next(nan_batches(agent)))
+  metrics = agent.train(next(nan_batches(dataset)), [0, 1])
   assert float(metrics['nonfinite']) == 1.0
   for value, (name, var) in zip(before, agent.checkpoint_table()[1:]):
     if not name.startswith('_metrics'):
       np.testing.assert_array_equal(value, var.numpy(), err_msg=name)
-  metrics = agent.train(next(agent._dataset))  # A finite batch trains again.
+  metrics = agent.train(next(dataset), [0, 2])  # A finite batch trains again.
   assert float(metrics['nonfinite']) == 0.0
 
 
-def test_round_of_only_nonfinite_steps_stops_the_run(agent):
-  agent._dataset = nan_batches(agent)
+def test_round_of_only_nonfinite_steps_stops_the_run(agent, tmp_path):
+  agent, dataset, config = agent
+  counter = loop.Counter(tmp_path / 'episodes', config.action_repeat)
+  trainer = loop.Trainer(agent, nan_batches(dataset), config, counter, loop.Logger(tmp_path, None, config.steps))
   obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
   with pytest.raises(dreamer.NonFiniteError, match='All 3 train steps'):
-    agent(obs, np.array([True]), None, training=True)
+    trainer.policy(training=True)(obs, np.array([True]), None)
 
 
 def test_replay_cache_is_bounded_and_sampling_stays_uniform(tmp_path, monkeypatch):
@@ -170,10 +176,10 @@ def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):
         '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
         '--weight_decay', str(wd), '--weight_decay_pattern', r'^model/encode/h1/kernel$'])
     dreamer.setup(config)
-    agent = dreamer.Dreamer(config, None, spaces.Box(-1, 1, (6,)))
-    agent._dataset = iter(dreamer.load_dataset(tmp_path / 'episodes', config))
+    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
+    dataset = iter(dreamer.load_dataset(tmp_path / 'episodes', config))
     before = agent._encode.h1.kernel.numpy().copy()
-    agent.train(next(agent._dataset))
+    agent.train(next(dataset), [0, 1])
     kernels[wd] = (before, agent._encode.h1.kernel.numpy(), agent._encode.h2.kernel.numpy())
   keras.mixed_precision.set_global_policy('float32')
   (before0, after0, other0), (before5, after5, other5) = kernels[0.0], kernels[0.5]

@@ -152,6 +152,6 @@ def test_the_training_graph_is_noise_free_only_when_asked():
   for name in ('model_loss', 'actor_loss', 'value_loss'):
     np.testing.assert_allclose(float(metrics[name]), refs[f'out/metrics/{name}'], rtol=1e-5, atol=1e-6)
   agent.load(checkpoint)  # The same weights again (the optimizers moved on, which the losses do not see).
-  sampled = agent.train(batch)
+  sampled = agent.train(batch, [0, 1])
   assert abs(float(sampled['model_loss']) - float(metrics['model_loss'])) > 1e-2, (sampled, metrics)
   assert abs(float(sampled['actor_loss']) - float(metrics['actor_loss'])) > 1e-4, (sampled, metrics)

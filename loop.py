@@ -1,0 +1,232 @@
+"""The training loop: when to train, evaluate and checkpoint, and what is logged. The agent (dreamer.Dreamer)
+computes (policy, train step returning metrics, checkpoint table); everything that schedules, counts steps,
+logs or writes files about the run's progress lives here.
+
+The schedule is the reference's: prefill with random actions up to --prefill env steps; build the agent with one
+train step on a real batch; then, until --steps: one test episode, --eval_every env steps of collection (training
+--train_steps updates every --train_every env steps, --pretrain the first time, scalars every --log_every), save
+variables.pkl.
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+import seeds
+import tools
+
+
+class NonFiniteError(RuntimeError):
+  """Every train step of a round was non-finite."""
+
+
+class Counter:
+  """The run's one step count. Read from the episode files once (their names give their lengths), then kept up to
+  date by the loop: `stored` env steps in the episodes on disk and `episodes` their number (advanced when an
+  episode is saved), `step` the env steps the agent has taken (advanced per training policy step, as the
+  reference's agent step; schedules, scalar logs and the checkpoint's `_step` use it)."""
+
+  def __init__(self, datadir, action_repeat):
+    self.action_repeat = action_repeat
+    self.episodes, transitions = tools.count_episodes(datadir)
+    self.stored = transitions * action_repeat
+    self.step = self.stored
+
+  def add_episode(self, episode):
+    self.episodes += 1
+    self.stored += (len(episode['reward']) - 1) * self.action_repeat
+
+  def add_steps(self, agent_steps):
+    self.step += agent_steps * self.action_repeat
+
+
+class Logger:
+  """Writes metrics.jsonl, TensorBoard summaries and the console lines of a run."""
+
+  def __init__(self, logdir, writer, total_steps):
+    self._logdir = logdir
+    self._writer = writer
+    self._total = total_steps
+    self._returns = {}  # The latest train and test return, for the progress line.
+    self._last = None  # (step, time) of the last scalar log, for fps.
+
+  def write(self, step, metrics):
+    """metrics: [(name, value)] -> one metrics.jsonl line {"step": step, ...}."""
+    with (self._logdir / 'metrics.jsonl').open('a') as f:
+      f.write(json.dumps(dict([('step', step)] + list(metrics))) + '\n')
+
+  def scalars(self, step, metrics, scope):
+    if self._writer is not None:
+      with self._writer.as_default():
+        for name, value in metrics:
+          tf.summary.scalar(f'{scope}/{name}', value, step)
+
+  def video(self, name, video, step):
+    if self._writer is not None:
+      with self._writer.as_default():
+        tools.video_summary(name, video, step)
+
+  def episode(self, episode, prefix, counter):
+    """A finished train or test episode: console line, metrics.jsonl, `sim/*` scalars, the test video."""
+    ret = tools.episode_return(episode)
+    transitions = len(episode['reward']) - 1
+    print(f'{prefix.title()} episode of length {transitions * counter.action_repeat} with return {ret:.1f}.')
+    metrics = [(f'{prefix}/return', ret), (f'{prefix}/length', transitions), ('episodes', counter.episodes)]
+    self._returns[f'{prefix}/return'] = ret
+    self.write(counter.stored, metrics)
+    self.scalars(counter.stored, metrics, 'sim')
+    if prefix == 'test':
+      self.video(f'sim/{prefix}/video', episode['image'][None], counter.stored)
+
+  def train_metrics(self, step, metrics):
+    """The agent's scalars since the last log, with fps; console lines with the progress of the run."""
+    metrics = list(metrics)
+    now = time.time()
+    fps = None
+    if self._last is not None:
+      fps = (step - self._last[0]) / (now - self._last[1])
+      metrics.append(('fps', fps))
+    self._last = (step, now)
+    self.write(step, metrics)
+    self.scalars(step, metrics, 'agent')
+    self.flush()
+    print(f'[{step}]', ' / '.join(f'{k} {v:.1f}' for k, v in metrics))
+    parts = [f'step {step}/{self._total}']
+    if fps:
+      parts.append(f'{fps:.1f} steps/s')
+    parts += [f'{k} {v:.1f}' for k, v in sorted(self._returns.items(), reverse=True)]
+    if fps:
+      parts.append(f'time left {max(0, self._total - step) / fps / 3600:.1f} h')
+    print('Progress:', ' | '.join(parts), flush=True)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def progress_bar(total, description, unit):
+  """A progress bar with rate and time left on stderr (tqdm), for work that takes minutes."""
+  return tqdm.tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, mininterval=1.0, leave=False,
+                   file=sys.stderr)
+
+
+class Trainer:
+  """Trains the agent on its schedule while it acts: `policy(training)` is the function tools.simulate steps the
+  environments with. As in the reference, the schedule is also checked during evaluation, so the very first call of
+  a run (the first test episode) does the pretraining round."""
+
+  def __init__(self, agent, dataset, config, counter, logger):
+    self._agent = agent
+    self._dataset = dataset
+    self._c = config
+    self._counter = counter
+    self._logger = logger
+    self._should_pretrain = tools.Once()
+    self._should_train = tools.Every(config.train_every)
+    self._should_log = tools.Every(config.log_every)
+    self._updates = seeds.first_update(counter.step)
+    self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
+
+  def build(self):
+    """The reference's build step: one real update on a real batch (it also creates every variable)."""
+    self._train_step(next(self._dataset))
+
+  def loaded(self):
+    """A loaded agent skips the pretraining round."""
+    self._should_pretrain()
+
+  def policy(self, training):
+    def act(obs, reset, state):
+      step = self._counter.step
+      if self._should_train(step):
+        self._train_round(step)
+      action, state = self._agent.policy(obs, reset, state, training, step)
+      if training:
+        self._counter.add_steps(len(reset))
+      return action, state
+    return act
+
+  def _train_step(self, data):
+    self._updates += 1
+    return self._agent.train(data, seeds.train_step(self._c.seed, self._updates))
+
+  def _train_round(self, step):
+    log = self._should_log(step)
+    n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
+    print(f'Training for {n} steps.')
+    skipped = 0.0
+    with progress_bar(n, f'Training at step {step}', 'update') as bar:
+      for index in range(n):
+        data = next(self._dataset)
+        if log and index == 0 and self._c.log_images and self._c.batch_length > 5:
+          self._logger.video('agent/openl', self._agent.openl(data), step)
+        skipped += self._train_step(data)['nonfinite']  # Tensors: read once per round, below.
+        bar.update()
+    skipped = int(skipped)
+    self._nonfinite += skipped
+    if n and skipped == n:
+      raise NonFiniteError(
+          f'All {n} train steps of this round at step {step} had non-finite losses or gradients and were '
+          'skipped; the run stops. The last checkpoint is untouched. Try a lower learning rate, --precision 32 '
+          'or --grad_clip.')
+    if log:
+      metrics = list(self._agent.pop_metrics().items()) + [('nonfinite_steps', self._nonfinite)]
+      self._nonfinite = 0
+      self._logger.train_metrics(step, metrics)
+
+
+def random_policy(actspace):
+  """Uniform random actions, for the prefill."""
+  return lambda obs, reset, state: ([actspace.sample() for _ in reset], None)
+
+
+def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writer, checkpoint=None):
+  """Prefill, build, resume and the evaluate / collect / save rounds until --steps env steps are stored."""
+  counter = Counter(datadir, config.action_repeat)
+  logger = Logger(config.logdir, writer, config.steps)
+
+  def on_train(episode):
+    tools.save_episodes(datadir, [episode])
+    counter.add_episode(episode)
+    logger.episode(episode, 'train', counter)
+  on_test = lambda episode: logger.episode(episode, 'test', counter)
+
+  prefill = max(0, config.prefill - counter.stored)
+  print(f'Prefill dataset with {prefill} steps.')
+  with progress_bar(prefill, 'Prefill', 'env step') as bar:
+    def on_prefill(episode):
+      on_train(episode)
+      bar.update((len(episode['reward']) - 1) * config.action_repeat)
+    tools.simulate(random_policy(actspace), train_envs, prefill / config.action_repeat,
+                   on_episode=on_prefill)
+  logger.flush()
+  counter.step = counter.stored  # The agent starts from the steps stored (as the reference's count_steps).
+
+  print(f'Simulating agent for {config.steps - counter.stored} steps.')
+  agent, dataset = agent(), dataset()
+  trainer = Trainer(agent, dataset, config, counter, logger)
+  trainer.build()
+  if checkpoint is None and (config.logdir / 'variables.pkl').exists():
+    checkpoint = config.logdir / 'variables.pkl'
+  if checkpoint:
+    print(f'Load checkpoint {checkpoint}.')
+    agent.load(checkpoint)  # The step counter stays the one of the episodes on disk.
+    trainer.loaded()
+  state = None
+  try:
+    while counter.stored < config.steps:
+      print('Start evaluation.')
+      tools.simulate(trainer.policy(training=False), test_envs, episodes=1, on_episode=on_test)
+      logger.flush()
+      print('Start collection.')
+      steps = config.eval_every // config.action_repeat
+      state = tools.simulate(trainer.policy(training=True), train_envs, steps, state=state, on_episode=on_train)
+      agent.save(config.logdir / 'variables.pkl', counter.step)
+  except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
+    agent.save(config.logdir / 'variables.pkl', counter.step)
+    print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
+    raise

@@ -1,0 +1,36 @@
+"""Every random stream of a run and how it derives from --seed, in one place (no TensorFlow here).
+
+- TensorFlow's global generator, numpy and Python: `keras.utils.set_random_seed(seed)` in dreamer.setup; acting
+  (policy samples, exploration noise) draws from TensorFlow's global generator.
+- Environments: `env(seed, prefix, index, worker)`, one seed per environment process (train and test apart, the
+  workers of a multi-worker run apart).
+- The prefill's random actions: the action space seeded with `prefill(seed, worker)`.
+- The replay sampler: `dataset(seed, pipeline)` per input pipeline (one per worker under tf.distribute).
+- The train step's noise (RSSM samples, imagined actions): stateless, from `train_step(seed, update)` [2], the
+  update index counting on from `first_update(step)` so that a resumed run draws new noise; inside the step the
+  seed is folded per use (tools.fold), so any number of replicas draws what one device does.
+"""
+
+
+def env(seed, prefix, index, worker=0):
+  """An environment's seed: `prefix` train or test, `index` its number, `worker` the task index of a multi-worker
+  run."""
+  return 10 ** 6 * worker + seed * 1000 + (0 if prefix == 'train' else 500) + index
+
+
+def prefill(seed, worker=0):
+  return seed + 10 ** 6 * worker
+
+
+def dataset(seed, pipeline=0):
+  return seed + pipeline
+
+
+def first_update(step):
+  """The update index a run starts counting from at env step `step` (0 for a new run)."""
+  return step * 1000
+
+
+def train_step(seed, update):
+  """The [2] seed of the train step with this update index."""
+  return [seed, update]
