@@ -307,12 +307,13 @@ class OneHotDist:
   gradient d/dlogits = (df/da . a) * grad log p(a), as the paper's code did (a DiCE "magic box" on the action).
   """
 
-  def __init__(self, logits=None, probs=None, dtype=tf.float32, gradient='straight'):
+  def __init__(self, logits, gradient='straight'):
+    """logits [..., classes] float32; samples are float32 one-hots."""
     if gradient not in ('straight', 'score'):
       raise NotImplementedError(gradient)
-    self._dist = tfd.Categorical(logits=logits, probs=probs)
+    self._dist = tfd.Categorical(logits=logits)
     self._num_classes = self.mean().shape[-1]
-    self._dtype = dtype
+    self._dtype = tf.float32
     self._gradient = gradient
 
   @property

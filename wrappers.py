@@ -284,21 +284,6 @@ class Wrapper:
     return self._env.reset()
 
 
-class ActionRepeat(Wrapper):
-
-  def __init__(self, env, amount):
-    super().__init__(env)
-    self._amount = amount
-
-  def step(self, action):
-    done, total_reward, current_step = False, 0, 0
-    while current_step < self._amount and not done:
-      obs, reward, done, info = self._env.step(action)
-      total_reward += reward
-      current_step += 1
-    return obs, total_reward, done, info
-
-
 class NormalizeActions(Wrapper):
   """The agent acts in [-1, 1] wherever the env's bounds are finite."""
 
@@ -533,10 +518,6 @@ class Async:
     except BaseException:
       self.close()
       raise
-
-  @property
-  def name(self):
-    return self._name
 
   @property
   def observation_space(self):

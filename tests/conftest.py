@@ -1,8 +1,13 @@
-"""Shared test setup: import path, quiet TF, the dtype-policy fixture and the reference's files in tests/data."""
+"""Shared test setup and helpers: import path, the settings users run with, the dtype-policy fixture, the tiny
+config, the command runner, synthetic episodes and the reference's files in tests/data.
+
+Tests marked `e2e` run the real command (`python dreamer.py ...`) on real environments; `pytest -m "not e2e"` runs
+the fast part alone."""
 
 import os
 import pathlib
 import re
+import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -16,7 +21,40 @@ import runtime  # noqa: E402
 runtime.configure()  # Before TensorFlow is imported anywhere: the settings users run with (runtime.py).
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# The tiny configuration of the tests (the debug preset: 100-step walker episodes, batches of 4 x 10) in float32.
+TINY = ['--task', 'dmc_walker_walk', '--preset', 'debug', '--precision', '32']
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'e2e: end to end: the real command on real environments, or many real '
+                          'train steps (slow)')
+
+
+def run_dreamer(*args, timeout=600):
+  """`python dreamer.py ARGS` in a subprocess; the CompletedProcess with its text output."""
+  return subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start_dreamer(*args):
+  """`python dreamer.py ARGS` running in the background, stdout and stderr merged into `stdout` (text lines)."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1')  # Each line as it is printed: tests act on what the run says.
+  return subprocess.Popen([sys.executable, str(ROOT / 'dreamer.py'), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def fake_episodes(directory, count, length=21, seed=0):
+  """`count` random walker-shaped episodes of `length` steps saved in `directory` (images, 6-D actions)."""
+  import tools
+  rng = np.random.RandomState(seed)
+  for _ in range(count):
+    tools.save_episodes(directory, [dict(
+        image=rng.randint(0, 255, (length, 64, 64, 3), dtype=np.uint8),
+        action=rng.uniform(-1, 1, (length, 6)).astype(np.float32),
+        reward=rng.rand(length).astype(np.float32), discount=np.ones(length, np.float32))])
 
 # 16 uses bfloat16: it runs on this CPU and needs no loss scaling, unlike float16.
 POLICIES = {16: 'mixed_bfloat16', 32: 'float32'}

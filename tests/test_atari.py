@@ -451,6 +451,7 @@ def test_impossible_action_settings_stop_before_training(tmp_path, args, flag):
   assert not (tmp_path / 'episodes').exists()
 
 
+@pytest.mark.e2e
 def test_tiny_atari_run_trains_evaluates_and_stores_one_hot_episodes(tmp_path):
   import json
   import tools

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ def test_graph_flops_counts_a_loop_body_once_per_iteration():
   assert flops['MatMul'] == 7 * 3 * matmul, flops
 
 
+@pytest.mark.e2e
 def test_benchmark_command_writes_its_json(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(tmp_path), '--benchmark', 'True',

@@ -144,6 +144,7 @@ def bad_files(tmp_path):
           'dict': (dict_file, 'holds a dict'), 'exploit': (exploit, 'refuses')}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('kind', ['missing', 'truncated', 'dict', 'exploit'])
 def test_bad_checkpoint_files_exit_2(tmp_path, kind):
   path, message = bad_files(tmp_path)[kind]
@@ -154,6 +155,7 @@ def test_bad_checkpoint_files_exit_2(tmp_path, kind):
   assert not (tmp_path / 'out' / 'eval.json').exists()
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_path):
   logdir = tmp_path / 'run'
   logdir.mkdir()
@@ -165,6 +167,7 @@ def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_pa
   assert hashlib.sha256(existing.read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.e2e
 def test_eval_only_on_the_original_checkpoint(tmp_path):
   out = tmp_path / 'eval'
   result = run('--logdir', str(out), '--task', 'dmc_walker_walk', '--checkpoint', str(WALKER / 'variables.pkl'),
@@ -181,6 +184,7 @@ def test_eval_only_on_the_original_checkpoint(tmp_path):
   assert not (out / 'episodes').exists()  # Nothing added to any replay store.
 
 
+@pytest.mark.e2e
 def test_compare_command_exit_codes(tmp_path):
   result = subprocess.run([sys.executable, str(ROOT / 'compare.py'), str(WALKER)], capture_output=True, text=True,
                           timeout=300)

@@ -15,7 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchmark  # noqa: E402
-from test_dreamer import TINY, run  # noqa: E402
+from conftest import TINY, run_dreamer as run  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # Real train steps by the dozen, in several processes: slow.
 
 FLAGS = ['--preset', 'debug', '--precision', '32', '--batch_size', '4', '--batch_length', '10']
 SCRIPT = ROOT / 'tests' / 'distribute_run.py'

@@ -13,18 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tools  # noqa: E402
+from conftest import TINY, run_dreamer as run  # noqa: E402
 
-TINY = ['--task', 'dmc_walker_walk', '--time_limit', '100', '--prefill', '200', '--eval_every', '200',
-        '--train_every', '100', '--log_every', '100', '--batch_size', '4', '--batch_length', '10',
-        '--pretrain', '3', '--train_steps', '1', '--deter_size', '16', '--stoch_size', '4', '--num_units', '16',
-        '--cnn_depth', '2', '--horizon', '3', '--precision', '32']
-
-
-def run(*args, timeout=600):
-  result = subprocess.run(
-      [sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True, timeout=timeout)
-  return result
-
+pytestmark = pytest.mark.e2e
 
 def read_metrics(logdir):
   return [json.loads(line) for line in (logdir / 'metrics.jsonl').read_text().splitlines()]
@@ -122,7 +113,7 @@ def test_resume_continues_without_prefill_or_pretrain(first_run):
 
 
 def test_unknown_task_exits_2_with_the_valid_names(tmp_path):
-  result = run('--logdir', str(tmp_path / 'a'), '--task', 'dmc_walker_fly', *TINY[2:], timeout=120)
+  result = run('--logdir', str(tmp_path / 'a'), *TINY, '--task', 'dmc_walker_fly', timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'dmc_walker_walk' in result.stderr and 'Traceback' not in result.stderr
   assert not (tmp_path / 'a' / 'config.json').exists()  # A typo does not lock the logdir to the wrong task.

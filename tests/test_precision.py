@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dreamer  # noqa: E402
-from test_robustness import fake_episodes  # noqa: E402
+from conftest import fake_episodes  # noqa: E402
 
 
 @pytest.fixture(scope='module')

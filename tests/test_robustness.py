@@ -19,16 +19,7 @@ sys.path.insert(0, str(ROOT))
 import dreamer  # noqa: E402
 import loop  # noqa: E402
 import tools  # noqa: E402
-from test_dreamer import TINY  # noqa: E402
-
-
-def fake_episodes(directory, count, length=21, seed=0):
-  rng = np.random.RandomState(seed)
-  for _ in range(count):
-    tools.save_episodes(directory, [dict(
-        image=rng.randint(0, 255, (length, 64, 64, 3), dtype=np.uint8),
-        action=rng.uniform(-1, 1, (length, 6)).astype(np.float32),
-        reward=rng.rand(length).astype(np.float32), discount=np.ones(length, np.float32))])
+from conftest import TINY, fake_episodes, start_dreamer  # noqa: E402
 
 
 @pytest.fixture
@@ -97,6 +88,7 @@ def test_replay_cache_is_bounded_and_sampling_stays_uniform(tmp_path, monkeypatc
   assert all(250 < n < 550 for n in per_episode.values()), per_episode  # ~400 each.
 
 
+@pytest.mark.e2e
 def test_resume_with_shape_changing_flags_stops(tmp_path):
   logdir = tmp_path / 'run'
   logdir.mkdir()
@@ -124,41 +116,55 @@ def check_logdir(logdir):
 
 
 def start(logdir, steps):
-  return subprocess.Popen(
-      [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(logdir), '--steps', str(steps), *TINY],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return start_dreamer('--logdir', str(logdir), '--steps', str(steps), *TINY)
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_kill_9_at_a_random_point_then_resume(tmp_path, seed):
+def wait_for(process, text, occurrence=1, timeout=300):
+  """Reads the run's output until `text` has appeared `occurrence` times; returns the lines read."""
+  lines, seen, deadline = [], 0, time.time() + timeout
+  for line in process.stdout:
+    lines.append(line)
+    seen += text in line
+    if seen == occurrence:
+      return lines
+    assert time.time() < deadline, ''.join(lines)
+  raise AssertionError(f'the run ended before printing {text!r} {occurrence} times:\n' + ''.join(lines))
+
+
+# Deterministic kill points: while prefilling (an episode was just saved), at the start of the pretraining round
+# (no checkpoint yet), and at the second evaluation (a checkpoint exists, so the restart loads it).
+KILL_POINTS = {'prefill': ('Train episode of length', 1, 400), 'pretrain': ('Training for 3 steps.', 1, 400),
+               'after_checkpoint': ('Start evaluation.', 2, 600)}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('point', list(KILL_POINTS))
+def test_kill_9_then_resume(tmp_path, point):
+  text, occurrence, steps = KILL_POINTS[point]
   logdir = tmp_path / 'run'
-  delay = np.random.RandomState(seed).uniform(8, 45)
-  process = start(logdir, 600)
-  time.sleep(delay)
+  process = start(logdir, steps)
+  wait_for(process, text, occurrence)
   process.kill()
   process.wait()
   check_logdir(logdir)
+  assert (logdir / 'variables.pkl').exists() == (point == 'after_checkpoint')
   episodes_before = tools.count_episodes(logdir / 'episodes')
-  process = start(logdir, 600)
+  process = start(logdir, steps)
   out, _ = process.communicate(timeout=600)
   assert process.returncode == 0, out[-3000:]
+  assert ('Load checkpoint' in out) == (point == 'after_checkpoint'), out[-3000:]
   check_logdir(logdir)
   episodes, transitions = tools.count_episodes(logdir / 'episodes')
-  assert episodes >= episodes_before[0] and transitions * 2 >= 600
+  assert episodes >= episodes_before[0] and transitions * 2 >= steps
   assert int(tools.read_checkpoint(logdir / 'variables.pkl')[0]) == transitions * 2
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   logdir = tmp_path / 'run'
   process = start(logdir, 100000)
-  lines = []
-  deadline = time.time() + 300
-  for line in process.stdout:
-    lines.append(line)
-    if 'Start collection.' in line or time.time() > deadline:
-      break
+  lines = wait_for(process, 'Start collection.')
   assert not (logdir / 'variables.pkl').exists()
-  time.sleep(2)
   process.send_signal(signal.SIGTERM)
   out, _ = process.communicate(timeout=120)
   assert process.returncode == 130, ''.join(lines) + out

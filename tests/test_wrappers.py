@@ -59,9 +59,27 @@ class FakeEnv:
 
 # ActionRepeat ---------------------------------------------------------------------------------------------------------
 
+
+class ActionRepeat(wrappers.Wrapper):
+  """The reference's action repeat as a wrapper: the oracle for DeepMindControl's own repeat (make_env uses that
+  one, which renders once per agent step)."""
+
+  def __init__(self, env, amount):
+    super().__init__(env)
+    self._amount = amount
+
+  def step(self, action):
+    done, total_reward, current_step = False, 0, 0
+    while current_step < self._amount and not done:
+      obs, reward, done, info = self._env.step(action)
+      total_reward += reward
+      current_step += 1
+    return obs, total_reward, done, info
+
+
 def test_action_repeat_sums_rewards_over_amount_inner_steps():
   inner = FakeEnv()
-  env = wrappers.ActionRepeat(inner, 3)
+  env = ActionRepeat(inner, 3)
   env.reset()
   action = np.array([0.25, -0.5], np.float32)
   obs, reward, done, _ = env.step(action)
@@ -78,7 +96,7 @@ def test_action_repeat_sums_rewards_over_amount_inner_steps():
 
 def test_action_repeat_stops_early_at_done():
   inner = FakeEnv(done_at=5)
-  env = wrappers.ActionRepeat(inner, 3)
+  env = ActionRepeat(inner, 3)
   env.reset()
   _, reward, done, _ = env.step(np.zeros(2, np.float32))
   assert (inner.steps, reward, done) == (3, 6, False)
@@ -497,7 +515,7 @@ def test_dmc_repeat_inside_matches_action_repeat_wrapper_and_renders_once():
   code = textwrap.dedent('''
       import numpy as np, wrappers
       inner = wrappers.DeepMindControl('walker_walk', seed=3, action_repeat=2)
-      outer = wrappers.ActionRepeat(wrappers.DeepMindControl('walker_walk', seed=3), 2)
+      outer = ActionRepeat(wrappers.DeepMindControl('walker_walk', seed=3), 2)
       renders = {'n': 0}
       render = inner.render
       def counting(*a, **k):
