@@ -84,26 +84,6 @@ def test_a_variants_checkpoint_in_the_default_agent_names_the_flag(variant, hint
     agent.load(tmp_path / 'variables.pkl')
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--value_estimate', 'nstep', '--nstep', '0'], '--nstep 0 is not a number of imagined steps'),
-    (['--value_estimate', 'nstep', '--nstep', '16'], '--nstep 16 is not a number of imagined steps of --horizon 15'),
-    (['--nstep', '-1'], '--nstep must be at least 0'),
-    (['--value_estimate', 'td'], '--value_estimate td is not allowed; choose one of: lambda, nstep, reward.'),
-    (['--behavior', 'mpc'], '--behavior mpc is not allowed'),
-    (['--representation', 'pixels'], '--representation pixels is not allowed'),
-    (['--behavior', 'cem', '--value_estimate', 'reward'], '--value_estimate reward does nothing under --behavior cem'),
-    (['--behavior', 'cem', '--cem_candidates', '50'], '--cem_topk 100 is more than --cem_candidates 50'),
-    (['--behavior', 'cem', '--cem_iterations', '0'], '--cem_iterations must be positive'),
-    (['--task', 'atari_pong', '--behavior', 'cem'], '--behavior cem needs continuous actions'),
-])
-def test_bad_variant_flags_exit_2_naming_the_flag(argv, message, capsys):
-  with pytest.raises(SystemExit) as exit_:
-    flags.parse_and_check(argv)
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err
-  assert message in err and 'Traceback' not in err, err
-
-
 def test_nstep_defaults_to_the_horizon_and_cem_check_agrees_with_planning():
   assert flags.parse_args(['--horizon', '7']).nstep == 7
   assert flags.parse_args(['--preset', 'debug']).nstep == 3
