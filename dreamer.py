@@ -140,15 +140,18 @@ class Dreamer:
     planned = None  # The return CEM expects of its plan [N]; the actor has none.
     if self._c.behavior == 'cem':  # The plan's first action, the same in training and evaluation (as PlaNet).
       c = self._c
-      action, planned = planning.cross_entropy_method(
-          self._dynamics, self._reward, latent, self._actdim, c.cem_horizon, c.cem_candidates, c.cem_topk,
-          c.cem_iterations)
+      action, planned = self._plan(latent, c.cem_horizon, c.cem_candidates, c.cem_topk, c.cem_iterations)
     elif training:
       action = self._actor(self._dynamics.get_feat(latent)).sample()
     else:
       action = self._actor(self._dynamics.get_feat(latent)).mode()
     action = self._exploration(action, training, amount)
     return action, (latent, action), planned
+
+  def _plan(self, latent, horizon, candidates, topk, iterations):
+    """PlaNet's CEM on the learned model from `latent` [N, ...]: (first action [N, A], planned return [N])."""
+    return planning.cross_entropy_method(
+        self._dynamics, self._reward, latent, self._actdim, horizon, candidates, topk, iterations)
 
   def _expl_amount(self, training, step):
     if not training:
