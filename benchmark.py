@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
+import dreamer
 import runtime
 import seeds
 import tools
@@ -212,6 +213,8 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
       _, state = agent.policy(obs, np.array([False]), state, True)
       times.append(time.perf_counter() - start)
     result['policy_step_ms'] = spread(1000 * np.array(times))
+    result['cem_policy_step_ms'] = spread(cem_step_ms(agent, obs))
+
 
   # Environment step: the real task through its worker, random actions.
   env.reset()
@@ -226,6 +229,35 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
   result['env_step_ms'] = spread(1000 * np.array(times[10:]))
   return result
 
+
+
+# PlaNet's planner settings, at which the CEM policy step is measured (the paper's `planet` baseline).
+PAPER_CEM = dict(horizon=12, candidates=1000, topk=100, iterations=10)
+
+
+def cem_step_ms(agent, obs, repeats=10):
+  """Milliseconds of one agent step of --behavior cem at PAPER_CEM with this agent's networks (the config's sizes):
+  encode one observation, obs_step, plan; as Dreamer._policy runs it for one environment (the exploration noise,
+  a few element-wise ops, left out)."""
+  image = tf.convert_to_tensor(obs['image'])
+
+  @tf.function(autograph=False)
+  def step(image, latent, action):
+    embed = agent._encode(dreamer.preprocess({'image': image}, agent._c))
+    latent, _ = agent._dynamics.obs_step(latent, action, embed)
+    action, _ = agent._plan(latent, **PAPER_CEM)
+    return latent, action
+
+  latent, action = agent._dynamics.initial(1), tf.zeros((1, agent._actdim))
+  for _ in range(2):  # Tracing.
+    latent, action = step(image, latent, action)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    latent, action = step(image, latent, action)
+    action.numpy()
+    times.append(1000 * (time.perf_counter() - start))
+  return np.array(times)
 
 
 def _cores():

@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -34,6 +35,7 @@ from tensorflow_probability import distributions as tfd
 
 import loop
 import models
+import planning
 import tools
 import wrappers
 from loop import NonFiniteError
@@ -73,8 +75,24 @@ class Mean:
     self.count.assign(0.0)
 
 
-METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss', 'div', 'expl_amount', 'image_loss', 'model_grad_norm',
-           'model_loss', 'post_ent', 'prior_ent', 'reward_loss', 'value_grad_norm', 'value_loss')
+# The metrics each part of the agent keeps (the reference's: world model with the decoder, actor, value).
+MODEL_METRICS = ('div', 'expl_amount', 'model_grad_norm', 'model_loss', 'post_ent', 'prior_ent', 'reward_loss')
+ACTOR_METRICS = ('action_ent', 'actor_grad_norm', 'actor_loss')
+VALUE_METRICS = ('value_grad_norm', 'value_loss')
+
+
+def has_actor(config):
+  return config.behavior == 'actor'
+
+
+def has_value(config):
+  """V_R (--value_estimate reward) and CEM planning use no value network."""
+  return has_actor(config) and config.value_estimate != 'reward'
+
+
+def has_decoder(config):
+  """Only the reconstruction objective trains the image decoder; the others build none."""
+  return config.representation == 'reconstruction'
 
 
 class Dreamer:
@@ -106,7 +124,9 @@ class Dreamer:
     amount = self._expl_amount(training, step)
     if training:
       self._metrics['expl_amount'].update_state(amount)
-    action, state = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
+    action, state, planned = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
+    if training and planned is not None and 'planned_return' in self._metrics:
+      self._metrics['planned_return'].update_state(planned)
     return action.numpy(), state
 
   @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
@@ -117,13 +137,21 @@ class Dreamer:
     action = action * mask
     embed = self._encode(preprocess({'image': image}, self._c))
     latent, _ = self._dynamics.obs_step(latent, action, embed)
-    feat = self._dynamics.get_feat(latent)
-    if training:
-      action = self._actor(feat).sample()
+    planned = None  # The return CEM expects of its plan [N]; the actor has none.
+    if self._c.behavior == 'cem':  # The plan's first action, the same in training and evaluation (as PlaNet).
+      c = self._c
+      action, planned = self._plan(latent, c.cem_horizon, c.cem_candidates, c.cem_topk, c.cem_iterations)
+    elif training:
+      action = self._actor(self._dynamics.get_feat(latent)).sample()
     else:
-      action = self._actor(feat).mode()
+      action = self._actor(self._dynamics.get_feat(latent)).mode()
     action = self._exploration(action, training, amount)
-    return action, (latent, action)
+    return action, (latent, action), planned
+
+  def _plan(self, latent, horizon, candidates, topk, iterations):
+    """PlaNet's CEM on the learned model from `latent` [N, ...]: (first action [N, A], planned return [N])."""
+    return planning.cross_entropy_method(
+        self._dynamics, self._reward, latent, self._actdim, horizon, candidates, topk, iterations)
 
   def _expl_amount(self, training, step):
     if not training:
@@ -185,20 +213,19 @@ class Dreamer:
     return metrics
 
   def _train(self, data, seed, probe=False):
-    """One update of the world model, the actor and the value, in a replica context. data: dict of [B, T, ...]
-    float32 tensors, this replica's part of the batch. Returns this replica's metrics (with `probe`, also the
-    gradients and intermediates that train_probe describes)."""
+    """One update of the world model, the actor and the value (those the variant has), in a replica context. data:
+    dict of [B, T, ...] float32 tensors, this replica's part of the batch. Returns this replica's metrics (with
+    `probe`, also the gradients and intermediates that train_probe describes)."""
     c = self._c
     # World model.
     with tf.GradientTape() as model_tape:
       embed = self._encode(data)  # [B, T, 1024]
       post, prior = self._dynamics.observe(embed, data['action'], seed=tools.fold(seed, 1))
       feat = self._dynamics.get_feat(post)  # [B, T, stoch + deter]
-      image_pred = self._decode(feat)
-      reward_pred = self._reward(feat)
       likes = {}
-      likes['image'] = tf.reduce_mean(image_pred.log_prob(data['image']))
-      likes['reward'] = tf.reduce_mean(reward_pred.log_prob(data['reward']))
+      if has_decoder(c):
+        likes['image'] = tf.reduce_mean(self._decode(feat).log_prob(data['image']))
+      likes['reward'] = tf.reduce_mean(self._reward(feat).log_prob(data['reward']))
       if c.pcont:
         pcont_pred = self._pcont(feat)
         pcont_target = c.discount * data['discount']
@@ -210,50 +237,65 @@ class Dreamer:
         div = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, div)
       div = tf.maximum(div, c.free_nats)
       model_loss = c.kl_scale * div - sum(likes.values())
+      if c.representation == 'contrastive':  # Instead of the image term: each step's embedding picks its state.
+        pred = self._cpc(embed)  # q(feat | embed): [B, T, stoch + deter]
+        cpc_loss, cpc_accuracy = tools.contrastive_loss(pred.mean(), pred.stddev(), feat)
+        model_loss += cpc_loss
 
-    # Behavior: imagine ahead from every posterior state.
-    value_tape = tf.GradientTape()
-    with tf.GradientTape() as actor_tape:
-      imag = self._behavior(post, tools.fold(seed, 2), value_tape)
-      actor_loss = -tf.reduce_mean(imag['weights'] * imag['returns'])
-
-    with value_tape:
-      value_pred = imag['value_dist'][:-1]
-      target = tf.stop_gradient(imag['returns'])
-      value_loss = -tf.reduce_mean(imag['weights'] * value_pred.log_prob(target))
+    # Behavior: imagine ahead from every posterior state (CEM plans in the policy instead).
+    if has_actor(c):
+      value_tape = tf.GradientTape() if has_value(c) else None
+      with tf.GradientTape() as actor_tape:
+        imag = self._behavior(post, tools.fold(seed, 2), value_tape)
+        actor_loss = -tf.reduce_mean(imag['weights'] * imag['returns'])
+    if has_value(c):
+      with value_tape:
+        value_pred = imag['value_dist'][:-1]
+        target = tf.stop_gradient(imag['returns'])
+        value_loss = -tf.reduce_mean(imag['weights'] * value_pred.log_prob(target))
 
     model_norm, model_ok, model_grads = self._model_opt(model_tape, model_loss)
-    actor_norm, actor_ok, actor_grads = self._actor_opt(actor_tape, actor_loss)
-    value_norm, value_ok, value_grads = self._value_opt(value_tape, value_loss)
+    metrics = dict(model_grad_norm=model_norm, prior_ent=prior_dist.entropy(), post_ent=post_dist.entropy(),
+                   div=div, model_loss=model_loss)
+    grads, ok = dict(model=model_grads), model_ok
+    if has_actor(c):
+      actor_norm, actor_ok, grads['actor'] = self._actor_opt(actor_tape, actor_loss)
+      metrics.update(actor_grad_norm=actor_norm, actor_loss=actor_loss)
+      ok &= actor_ok
+    if has_value(c):
+      value_norm, value_ok, grads['value'] = self._value_opt(value_tape, value_loss)
+      metrics.update(value_grad_norm=value_norm, value_loss=value_loss)
+      ok &= value_ok
     # 1 when an optimizer skipped its update because of non-finite gradients (not a checkpointed metric).
-    skipped = 1 - tf.cast(model_ok & actor_ok & value_ok, tf.float32)
+    skipped = 1 - tf.cast(ok, tf.float32)
 
-    # After the updates (automatic control dependencies order the reads): the updated actor's entropy, as the
-    # reference computed it in its summaries after the three optimizers ran.
-    metrics = dict(
-        model_grad_norm=model_norm, value_grad_norm=value_norm, actor_grad_norm=actor_norm,
-        prior_ent=prior_dist.entropy(), post_ent=post_dist.entropy(), div=div, model_loss=model_loss,
-        value_loss=value_loss, actor_loss=actor_loss, action_ent=self._actor(feat).entropy())
+    if has_actor(c):
+      # After the updates (automatic control dependencies order the reads): the updated actor's entropy, as the
+      # reference computed it in its summaries after the three optimizers ran.
+      metrics['action_ent'] = self._actor(feat).entropy()
     for name, logprob in likes.items():
       metrics[name + '_loss'] = -logprob
+    if c.representation == 'contrastive':
+      metrics.update(cpc_loss=cpc_loss, cpc_accuracy=cpc_accuracy)
     metrics['nonfinite'] = skipped
     if probe:
-      for opt, grads in (('model', model_grads), ('actor', actor_grads), ('value', value_grads)):
-        metrics.update({f'grad/{opt}/{i}': g for i, g in enumerate(grads)})
+      for opt, opt_grads in grads.items():
+        metrics.update({f'grad/{opt}/{i}': g for i, g in enumerate(opt_grads)})
       metrics['inter/embed'] = embed
       metrics.update({f'inter/post_{k}': v for k, v in post.items()})
       metrics.update({f'inter/prior_{k}': v for k, v in prior.items()})
-      names = ('imag_feat', 'lambda_reward', 'lambda_value', 'lambda_pcont', 'lambda_bootstrap')
-      metrics.update({f'inter/{k}': imag[k] for k in names})
-      metrics['inter/lambda_returns'] = imag['returns']
+      if has_actor(c):
+        names = ('imag_feat', 'lambda_reward', 'lambda_value', 'lambda_pcont', 'lambda_bootstrap')
+        metrics.update({f'inter/{k}': imag[k] for k in names if k in imag})
+        metrics['inter/lambda_returns'] = imag['returns']
     return metrics
 
   def _behavior(self, post, seed=None, value_tape=None):
     """Imagines `horizon` steps from every posterior state with the actor. Returns a dict: `imag_feat` [H, N, F]
-    (N = B*T starts, B*(T-1) with pcont), `value_dist` on them (recorded on `value_tape` too, so one forward pass
-    serves the actor and the value loss; the reference ran it twice), the lambda-return's arguments
-    `lambda_reward`, `lambda_value`, `lambda_pcont` [H-1, N] and `lambda_bootstrap` [N], the `returns` [H-1, N]
-    and their discount `weights` [H-1, N] (no gradient)."""
+    (N = B*T starts, B*(T-1) with pcont), `value_dist` on them (None without a value network; recorded on
+    `value_tape` too, so one forward pass serves the actor and the value loss; the reference ran it twice), the
+    `returns` [H-1, N] of --value_estimate and their `weights` [H-1, N] (no gradient); for the lambda-return also
+    its arguments `lambda_reward`, `lambda_value`, `lambda_pcont` [H-1, N] and `lambda_bootstrap` [N]."""
     c = self._c
     imag_feat = self._imagine_ahead(post, seed)
     reward = self._reward(imag_feat).mode()
@@ -261,15 +303,22 @@ class Dreamer:
       pcont = self._pcont(imag_feat).mean()
     else:
       pcont = c.discount * tf.ones_like(reward)
-    with value_tape or contextlib.nullcontext():
-      value_dist = self._value(imag_feat)
-    value = value_dist.mode()
-    imag = dict(imag_feat=imag_feat, value_dist=value_dist, lambda_reward=reward[:-1], lambda_value=value[:-1],
-                lambda_pcont=pcont[:-1], lambda_bootstrap=value[-1])
-    imag['returns'] = tools.lambda_return(
-        imag['lambda_reward'], imag['lambda_value'], imag['lambda_pcont'], bootstrap=imag['lambda_bootstrap'],
-        lambda_=c.disclam, axis=0)
-    imag['weights'] = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+    value_dist = value = None
+    if has_value(c):
+      with value_tape or contextlib.nullcontext():
+        value_dist = self._value(imag_feat)
+      value = value_dist.mode()
+    imag = dict(imag_feat=imag_feat, value_dist=value_dist)
+    imag['returns'] = tools.value_estimate(c.value_estimate, reward, value, pcont, c.disclam, c.nstep)
+    if c.value_estimate == 'lambda':  # The lambda-return's inputs, for train_probe's comparisons.
+      imag.update(lambda_reward=reward[:-1], lambda_value=value[:-1], lambda_pcont=pcont[:-1],
+                  lambda_bootstrap=value[-1])
+    if c.value_estimate == 'reward':
+      # The paper's code weighs V_R's actor loss by 1 (training/utility.py: its actor loss has no discount
+      # weights without a value head); the pcont already discounts inside each return.
+      imag['weights'] = tf.ones_like(imag['returns'])
+    else:
+      imag['weights'] = tf.stop_gradient(tf.math.cumprod(tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
     return imag
 
   def _imagine_ahead(self, post, seed=None):
@@ -292,25 +341,38 @@ class Dreamer:
     self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, name='encode')
     self._dynamics = models.RSSM(c.stoch_size, c.deter_size, c.deter_size, shared_noise=c.shared_noise,
                                  name='dynamics')
-    self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode')
+    # Only the networks the variant trains exist (checkpoint_names lists their variables).
+    model_modules = [self._encode, self._dynamics]
+    if has_decoder(c):
+      self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode')
+      model_modules.append(self._decode)
+    if c.representation == 'contrastive':
+      self._cpc = models.StateModel(c.stoch_size + c.deter_size, 3, c.num_units, c.dense_act, name='cpc')
+      model_modules.append(self._cpc)
     self._reward = models.DenseDecoder((), 2, c.num_units, act=c.dense_act, name='reward')
+    model_modules.append(self._reward)
     if c.pcont:
       self._pcont = models.DenseDecoder((), 3, c.num_units, 'binary', act=c.dense_act, name='pcont')
-    self._value = models.DenseDecoder((), 3, c.num_units, act=c.dense_act, name='value')
-    self._actor = models.ActionDecoder(
-        self._actdim, 4, c.num_units, c.action_dist, init_std=c.action_init_std, act=c.dense_act, name='actor')
-    model_modules = [self._encode, self._dynamics, self._decode, self._reward]
-    if c.pcont:
       model_modules.append(self._pcont)
+    if has_value(c):
+      self._value = models.DenseDecoder((), 3, c.num_units, act=c.dense_act, name='value')
+    if has_actor(c):
+      self._actor = models.ActionDecoder(
+          self._actdim, 4, c.num_units, c.action_dist, init_std=c.action_init_std, act=c.dense_act, name='actor')
     loss_scale = self._float == 'float16'
     Optimizer = functools.partial(
         tools.Optimizer, wd=c.weight_decay, clip=c.grad_clip, wdpattern=c.weight_decay_pattern,
         loss_scale=loss_scale)
     self._build_variables()
-    self._model_opt = Optimizer('model', model_modules, c.model_lr)
-    self._value_opt = Optimizer('value', [self._value], c.value_lr)
-    self._actor_opt = Optimizer('actor', [self._actor], c.actor_lr)
-    for opt in (self._model_opt, self._value_opt, self._actor_opt):
+    optimizers = [Optimizer('model', model_modules, c.model_lr)]
+    self._model_opt = optimizers[-1]
+    if has_value(c):
+      optimizers.append(Optimizer('value', [self._value], c.value_lr))
+      self._value_opt = optimizers[-1]
+    if has_actor(c):
+      optimizers.append(Optimizer('actor', [self._actor], c.actor_lr))
+      self._actor_opt = optimizers[-1]
+    for opt in optimizers:
       opt.variables  # Creates the slots outside tf.function, so the train step is traced once.
 
   def _build_variables(self):
@@ -318,8 +380,13 @@ class Dreamer:
     embed = self._encode({'image': tf.zeros((1, 2, 64, 64, 3))})
     post, _ = self._dynamics.observe(embed, tf.zeros((1, 2, self._actdim)))
     feat = self._dynamics.get_feat(post)
-    for head in [self._decode, self._reward, self._value, self._actor] + ([self._pcont] if self._c.pcont else []):
-      head(feat)
+    c = self._c
+    for name, built in (('_decode', has_decoder(c)), ('_reward', True), ('_value', has_value(c)),
+                        ('_actor', has_actor(c)), ('_pcont', c.pcont)):
+      if built:
+        getattr(self, name)(feat)
+    if c.representation == 'contrastive':
+      self._cpc(embed)
 
   # Checkpoints ------------------------------------------------------------------------------------------------------
 
@@ -389,19 +456,39 @@ class Dreamer:
 
 
 def metric_names(config):
-  """The metrics the agent keeps (and its checkpoint holds), sorted by name."""
+  """The metrics the agent keeps (and its checkpoint holds), sorted by name: the reference's, less those of the
+  networks the variant lacks, plus the variant's own."""
   if not config.log_scalars:
     return ['expl_amount']
-  return sorted(METRICS + (('pcont_loss',) if config.pcont else ()))
+  names = set(MODEL_METRICS)
+  if has_decoder(config):
+    names.add('image_loss')
+  if config.representation == 'contrastive':
+    names |= {'cpc_loss', 'cpc_accuracy'}
+  if config.pcont:
+    names.add('pcont_loss')
+  if has_actor(config):
+    names |= set(ACTOR_METRICS)
+  if has_value(config):
+    names |= set(VALUE_METRICS)
+  if config.behavior == 'cem':
+    names.add('planned_return')
+  return sorted(names)
 
 
 def checkpoint_names(config):
   """The entries of variables.pkl for a config, in the reference's order: its tf.Module traversal of the agent
-  (attributes sorted by name, variables of a module before its submodules, each variable once)."""
+  (attributes sorted by name, variables of a module before its submodules, each variable once). The variants'
+  networks take the places their attribute names give them: `_cpc` after `_actor` (and `_actor_opt`, `_c`),
+  before `_decode`; a missing network is left out."""
   dense = lambda module, layers: [f'{module}/{layer}/{w}' for layer in layers for w in ('kernel', 'bias')]
   names = ['_step']
-  names += dense('_actor', ['h0', 'h1', 'h2', 'h3', 'hout'])
-  names += dense('_decode', ['h1', 'h2', 'h3', 'h4', 'h5'])
+  if has_actor(config):
+    names += dense('_actor', ['h0', 'h1', 'h2', 'h3', 'hout'])
+  if config.representation == 'contrastive':
+    names += dense('_cpc', ['h0', 'h1', 'h2', 'hout', 'hstd'])  # hout < hstd by name, as the traversal sorts.
+  if has_decoder(config):
+    names += dense('_decode', ['h1', 'h2', 'h3', 'h4', 'h5'])
   names += [f'_dynamics/_cell/{w}' for w in ('kernel', 'recurrent_kernel', 'bias')]
   names += dense('_dynamics', ['img1', 'img2', 'img3', 'obs1', 'obs2'])
   names += dense('_encode', ['h1', 'h2', 'h3', 'h4'])
@@ -410,18 +497,28 @@ def checkpoint_names(config):
   names += dense('_reward', ['h0', 'h1', 'hout'])
   if config.pcont:
     names += dense('_pcont', ['h0', 'h1', 'h2', 'hout'])
-  names += dense('_value', ['h0', 'h1', 'h2', 'hout'])
+  if has_value(config):
+    names += dense('_value', ['h0', 'h1', 'h2', 'hout'])
   return names
+
+
+# The flags that add or remove checkpoint entries, and the values that give each structure.
+STRUCTURE = dict(pcont=(False, True), log_scalars=(True, False), value_estimate=('lambda', 'reward'),
+                 behavior=('actor', 'cem'), representation=('reconstruction', 'contrastive', 'reward'))
 
 
 def count_hint(config, count):
   """Which other settings of the flags that add or remove entries give variables.pkl `count` arrays."""
   fits = []
-  for other in ({'pcont': not config.pcont}, {'log_scalars': not config.log_scalars},
-                {'pcont': not config.pcont, 'log_scalars': not config.log_scalars}):
-    if len(checkpoint_names(flags.AttrDict(config, **other))) == count:
+  for values in itertools.product(*STRUCTURE.values()):
+    other = {k: v for k, v in zip(STRUCTURE, values) if v != config[k]}
+    if other.get('value_estimate') == 'lambda' and config.value_estimate == 'nstep':
+      del other['value_estimate']  # The same networks.
+    if other and len(checkpoint_names(flags.AttrDict(config, **other))) == count:
       fits.append(' and '.join(f'--{k} {v}' for k, v in other.items()))
-  return ' or '.join(fits) if fits else 'no other setting of --pcont and --log_scalars (another agent?)'
+  fits = sorted(set(fits), key=len)
+  listing = ' or '.join(fits[:4]) + (f' (or {len(fits) - 4} more)' if len(fits) > 4 else '')
+  return listing if fits else f"no other setting of {', '.join('--' + k for k in STRUCTURE)} (another agent?)"
 
 
 def entry_hint(name):
@@ -437,7 +534,9 @@ def entry_hint(name):
   if name.startswith('_decode'):
     return '--cnn_depth, --deter_size, --stoch_size'
   if name.startswith('_metrics'):
-    return '--log_scalars, --pcont'
+    return '--log_scalars, --pcont, --value_estimate, --behavior, --representation'
+  if name.startswith('_cpc'):
+    return '--num_units, --deter_size, --stoch_size, --cnn_depth'
   if name == '_step':
     return 'none (the step counter must be an int64 scalar)'
   return '--num_units, --deter_size, --stoch_size'

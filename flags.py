@@ -117,6 +117,20 @@ FLAGS = (
     Flag('discount', 0.99, 'discount of the lambda-return'),
     Flag('disclam', 0.95, 'lambda of the lambda-return'),
     Flag('horizon', 15, 'imagination horizon', positive=True),
+    Flag('value_estimate', 'lambda', "what the actor maximizes (the paper's ablation): lambda: V_lambda with "
+         '`--disclam`; nstep: V_N^k with `--nstep`; reward: V_R, the imagined rewards up to the horizon and no value '
+         "network (the paper's \"No value\")", choices=('lambda', 'nstep', 'reward'), fixed=True),
+    Flag('nstep', 0, 'k of `--value_estimate nstep`, 1 to `--horizon`', minimum=0, shown='the horizon'),
+    Flag('behavior', 'actor', "actor: learn an actor in imagination; cem: PlaNet's online planning on the learned "
+         'model (no actor, no value network), for collection (with the exploration noise) and evaluation',
+         choices=('actor', 'cem'), fixed=True),
+    Flag('cem_horizon', 12, 'planning horizon of `--behavior cem`', positive=True),
+    Flag('cem_candidates', 1000, 'action sequences drawn per CEM iteration', positive=True),
+    Flag('cem_topk', 100, 'best sequences the CEM refits its Normal to', positive=True),
+    Flag('cem_iterations', 10, 'CEM iterations per agent step', positive=True),
+    Flag('representation', 'reconstruction', 'the world model\'s objective besides the reward (and KL): '
+         "reconstruction: the image decoder; contrastive: the paper's contrastive objective instead (no decoder); "
+         'reward: none (no decoder)', choices=('reconstruction', 'contrastive', 'reward'), fixed=True),
     Flag('action_dist', 'tanh_normal', 'tanh_normal, onehot (straight-through gradients, the TF2 reference) or '
          "onehot_score (score-function gradients, the paper's code; see Atari)",
          choices=('tanh_normal',) + ONEHOT, fixed=True),
@@ -222,6 +236,8 @@ def parse_args(argv=None):
   for layer in (SUITE_DEFAULTS.get(suite, {}), PRESETS[preset], given):
     for key, value in layer.items():
       config[key] = type(defaults[key])(value)
+  if 'nstep' not in given:  # Its default is derived: the horizon (the flag's 0 stands for it).
+    config.nstep = config.horizon
   config.preset = preset
   return config
 
@@ -256,6 +272,7 @@ def check_config(config):
     raise UserError(f'Episodes of --time_limit {config.time_limit} / --action_repeat {config.action_repeat} = '
                     f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
                     f'{config.batch_length}; no training window would fit.')
+  check_variant(config)
   suite = config.task.partition('_')[0]
   if suite == 'dmlab':
     version = '.'.join(map(str, sys.version_info[:2]))
@@ -270,6 +287,25 @@ def check_config(config):
     if config[key] not in allowed:
       advice = ' or '.join(f'--{key} {value}' for value in allowed)
       raise UserError(f'--{key} {config[key]} does not fit the {kind} actions of {config.task}; use {advice}.')
+
+
+def check_variant(config):
+  """The values and combinations of the ablation flags (--value_estimate, --behavior, --representation)."""
+  if config.value_estimate == 'nstep' and not 1 <= config.nstep <= config.horizon:
+    raise UserError(f'--nstep {config.nstep} is not a number of imagined steps of --horizon {config.horizon}; use '
+                    f'--nstep 1..{config.horizon} (or leave it out: the horizon).')
+  if config.behavior == 'cem':
+    if config.value_estimate != 'lambda':
+      raise UserError(f'--value_estimate {config.value_estimate} does nothing under --behavior cem (it plans '
+                      'without an actor or a value network); leave --value_estimate out or use --behavior actor.')
+    if config.cem_topk > config.cem_candidates:
+      raise UserError(f'--cem_topk {config.cem_topk} is more than --cem_candidates {config.cem_candidates}; CEM '
+                      'refits to the topk best candidates, so use a --cem_topk of at most --cem_candidates.')
+    # planning.check_actions says the same (tests/test_flags.py checks they agree); it imports TensorFlow.
+    if config.action_dist != 'tanh_normal':
+      raise UserError(f'--behavior cem needs continuous actions (--action_dist tanh_normal, not '
+                      f'{config.action_dist}): the paper planned with CEM in continuous control only; use '
+                      '--behavior actor for discrete actions.')
 
 
 def check_resume(config, has_data):

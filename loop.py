@@ -128,6 +128,11 @@ class Trainer:
     self._should_pretrain = tools.Once()
     self._should_train = tools.Every(config.train_every)
     self._should_log = tools.Every(config.log_every)
+    # The open-loop video shows the decoder's predictions: variants without a decoder have none.
+    self._openl = config.log_images and config.batch_length > 5 and config.representation == 'reconstruction'
+    if config.log_images and not self._openl and config.representation != 'reconstruction':
+      print(f'Note: --representation {config.representation} trains no image decoder, so no agent/openl video '
+            'is written.')
     self._updates = seeds.first_update(counter.step)
     self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
 
@@ -162,7 +167,7 @@ class Trainer:
     with progress_bar(n, f'Training at step {step}', 'update') as bar:
       for index in range(n):
         data = next(self._dataset)
-        if log and index == 0 and self._c.log_images and self._c.batch_length > 5:
+        if log and index == 0 and self._openl:
           self._logger.video('agent/openl', self._agent.openl(data), step)
         skipped += self._train_step(data)['nonfinite']  # Tensors: read once per round, below.
         bar.update()

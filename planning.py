@@ -73,8 +73,11 @@ def cross_entropy_method(dynamics, reward, state, action_size, horizon=12, candi
   mean = tf.zeros([N, horizon, action_size])
   std = tf.ones([N, horizon, action_size])
   planned = tf.zeros([N])
+  # In a traced policy N is static at the start but not after the gather of the elite: the invariants allow it.
+  plan = tf.TensorShape([None, horizon, action_size])
   _, mean, _, planned = tf.while_loop(
-      lambda index, *_: index < iterations, iteration, (tf.constant(0), mean, std, planned))
+      lambda index, *_: index < iterations, iteration, (tf.constant(0), mean, std, planned),
+      shape_invariants=(tf.TensorShape([]), plan, plan, tf.TensorShape([None])))
   mean, planned = tf.stop_gradient(mean), tf.stop_gradient(planned)
   return mean[:, 0], planned
 

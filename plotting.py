@@ -6,6 +6,12 @@ with a min-max (or standard-deviation) band. The published Dreamer curves (`scor
 method `dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines.
 
   python plotting.py --indir logdir --outdir plots
+
+The paper's ablations (README, "Ablations"): the variants' curves side by side per task are the same figure with
+method folders named after the variants (`dreamer`, `dreamer_nstep`, `no_value`, `planet`, `contrastive`,
+`reward_only`) and `--no_paper`; `--figure horizon` draws each method's final return against its imagination
+horizon, read from the `config.json` beside each run's metrics (any run folder name, e.g. `h20_s0`), with
+`horizon.md` / `horizon.csv` listing the points.
 """
 
 import argparse
@@ -21,7 +27,7 @@ import numpy as np
 SCORES = pathlib.Path(__file__).resolve().parent / 'scores'
 PAPER = 'dreamer (paper)'
 
-Run = collections.namedtuple('Run', 'task, method, seed, xs, ys, eval')
+Run = collections.namedtuple('Run', 'task, method, seed, xs, ys, eval, config', defaults=(None,))
 
 
 def load_runs(indir, xkey='step', ykey='test/return'):
@@ -41,9 +47,12 @@ def load_runs(indir, xkey='step', ykey='test/return'):
     evaluation = None
     if (seed_dir / 'eval.json').exists():
       evaluation = json.loads((seed_dir / 'eval.json').read_text())
+    config = None  # The run's flags (dreamer.py writes them), for the horizon figure.
+    if (seed_dir / 'config.json').exists():
+      config = json.loads((seed_dir / 'config.json').read_text())
     if points:
       xs, ys = map(np.array, zip(*sorted(points)))
-      runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation))
+      runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation, config))
   return runs
 
 
@@ -188,12 +197,66 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   plt.close(fig)
 
 
+def horizon_points(runs, width):
+  """Rows {task, method, horizon, seeds, final, low, high}: the final return (last bin) over the runs of each task,
+  method and imagination horizon (config.json's `horizon`; runs without one are left out)."""
+  groups = collections.defaultdict(list)
+  for run in runs:
+    if run.config and 'horizon' in run.config:
+      groups[(run.task, run.method, int(run.config['horizon']))].append(final_return(run, width))
+  return [dict(task=task, method=method, horizon=horizon, seeds=len(finals), final=float(np.mean(finals)),
+               low=float(np.min(finals)), high=float(np.max(finals)))
+          for (task, method, horizon), finals in sorted(groups.items())]
+
+
+HORIZON_COLUMNS = ('task', 'method', 'horizon', 'seeds', 'final', 'low', 'high')
+
+
+def plot_horizon(points, outdir, ykey, cols=4):
+  """The paper's horizon ablation: per task, each method's final return against its imagination horizon, with the
+  min-max over seeds as a band. Also writes the points as horizon.csv and horizon.md."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  tasks = sorted({p['task'] for p in points})
+  rows_ = int(np.ceil(len(tasks) / cols))
+  fig, axes = plt.subplots(rows_, min(cols, len(tasks)), figsize=(max(6, 4 * min(cols, len(tasks))), 3.5 * rows_),
+                           squeeze=False)
+  for ax, task in zip(axes.flat, tasks):
+    for method in sorted({p['method'] for p in points if p['task'] == task}):
+      mine = [p for p in points if p['task'] == task and p['method'] == method]
+      xs = [p['horizon'] for p in mine]
+      ax.plot(xs, [p['final'] for p in mine], marker='o', ms=3, label=method)
+      ax.fill_between(xs, [p['low'] for p in mine], [p['high'] for p in mine], alpha=0.2)
+    ax.set_title(task)
+    ax.set_xlabel('imagination horizon')
+    ax.set_ylabel(f'final {ykey}')
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.axis('off')
+  fig.tight_layout()
+  for suffix in ('png', 'pdf'):
+    fig.savefig(outdir / f'horizon.{suffix}', dpi=110)
+  plt.close(fig)
+  fmt = lambda v: f'{v:.1f}' if isinstance(v, float) else str(v)
+  with (outdir / 'horizon.csv').open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(HORIZON_COLUMNS)
+    writer.writerows([[fmt(p[c]) for c in HORIZON_COLUMNS] for p in points])
+  lines = ['| ' + ' | '.join(HORIZON_COLUMNS) + ' |', '|' + '---|' * len(HORIZON_COLUMNS)]
+  lines += ['| ' + ' | '.join(fmt(p[c]) for c in HORIZON_COLUMNS) + ' |' for p in points]
+  (outdir / 'horizon.md').write_text('\n'.join(lines) + '\n')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--indir', type=pathlib.Path, required=True)
   parser.add_argument('--outdir', type=pathlib.Path, required=True)
   parser.add_argument('--tasks', nargs='*', default=['*'], help='glob patterns, e.g. dmc_walker_*')
   parser.add_argument('--methods', nargs='*', default=['*'], help='glob patterns')
+  parser.add_argument('--figure', choices=('curves', 'horizon'), default='curves',
+                      help='curves: return against steps per task; horizon: final return against the horizon')
   parser.add_argument('--xkey', default='step')
   parser.add_argument('--ykey', default='test/return')
   parser.add_argument('--bins', type=float, default=1e5, help='bin width in steps')
@@ -212,6 +275,16 @@ def main(argv=None):
     print(f'Error: no runs with {args.xkey} and {args.ykey} under {args.indir} '
           '(expected <indir>/<task>/<method>/<seed>/metrics.jsonl).', file=sys.stderr)
     return 2
+  args.outdir.mkdir(parents=True, exist_ok=True)
+  if args.figure == 'horizon':
+    points = horizon_points(runs, args.bins)
+    if not points:
+      print(f'Error: no run under {args.indir} has a config.json with a horizon.', file=sys.stderr)
+      return 2
+    plot_horizon(points, args.outdir, args.ykey)
+    print((args.outdir / 'horizon.md').read_text())
+    print(f'Wrote {args.outdir / "horizon.png"}, horizon.pdf, horizon.md and horizon.csv.')
+    return 0
   paper_runs, baselines = load_paper(args.scores)
   if args.no_paper:
     paper_runs, baselines = [], {}

@@ -56,6 +56,17 @@ def test_the_defaults_pass_the_checks_and_layers_apply_in_order():
      'discrete actions of atari_pong; use --action_dist onehot or --action_dist onehot_score.'),
     (['--eval_every', '1'], 'is less than one agent step'),
     (['--time_limit', '20'], 'no training window would fit'),
+    # The ablation variants (tests/test_variants.py has the rest of their tests).
+    (['--value_estimate', 'nstep', '--nstep', '0'], '--nstep 0 is not a number of imagined steps'),
+    (['--value_estimate', 'nstep', '--nstep', '16'], '--nstep 16 is not a number of imagined steps of --horizon 15'),
+    (['--nstep', '-1'], '--nstep must be at least 0'),
+    (['--value_estimate', 'td'], '--value_estimate td is not allowed; choose one of: lambda, nstep, reward.'),
+    (['--behavior', 'mpc'], '--behavior mpc is not allowed'),
+    (['--representation', 'pixels'], '--representation pixels is not allowed'),
+    (['--behavior', 'cem', '--value_estimate', 'reward'], '--value_estimate reward does nothing under --behavior cem'),
+    (['--behavior', 'cem', '--cem_candidates', '50'], '--cem_topk 100 is more than --cem_candidates 50'),
+    (['--behavior', 'cem', '--cem_iterations', '0'], '--cem_iterations must be positive'),
+    (['--task', 'atari_pong', '--behavior', 'cem'], '--behavior cem needs continuous actions'),
 ])
 def test_bad_values_exit_2_naming_the_flag(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_:

@@ -80,3 +80,23 @@ def test_binning_and_curve():
   assert list(mean) == [2.0, 4.0] and list(low) == [1.0, 2.0] and list(high) == [3.0, 6.0]
   xs, mean, low, high = plotting.curve(runs, 100, band='std')
   assert list(high - mean) == [1.0, 2.0]
+
+
+def test_horizon_figure_reads_the_horizon_from_each_runs_config(tmp_path, capsys):
+  indir, outdir = tmp_path / 'horizons', tmp_path / 'plots'
+  # Two seeds at horizon 10, one at 20 for dreamer; no_value at 10; a run without config.json is left out.
+  for method, name, horizon, final in (('dreamer', 'h10_s0', 10, 100), ('dreamer', 'h10_s1', 10, 200),
+                                       ('dreamer', 'h20_s0', 20, 400), ('no_value', 'h10_s0', 10, 50),
+                                       ('no_value', 'unknown', None, 999)):
+    write_run(indir, 'dmc_walker_walk', method, name, [(0, 0), (100000, final)])
+    if horizon:
+      (indir / 'dmc_walker_walk' / method / name / 'config.json').write_text(json.dumps({'horizon': horizon}))
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--figure', 'horizon']) == 0
+  assert (outdir / 'horizon.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  rows = [(r['method'], r['horizon'], r['seeds'], r['final'], r['low'], r['high'])
+          for r in csv.DictReader((outdir / 'horizon.csv').open())]
+  assert rows == [('dreamer', '10', '2', '150.0', '100.0', '200.0'), ('dreamer', '20', '1', '400.0', '400.0', '400.0'),
+                  ('no_value', '10', '1', '50.0', '50.0', '50.0')]
+  assert '| dmc_walker_walk | dreamer | 20 | 1 | 400.0 |' in capsys.readouterr().out
+  write_run(tmp_path / 'none', 'dmc_walker_walk', 'dreamer', 0, [(0, 1)])
+  assert plotting.main(['--indir', str(tmp_path / 'none'), '--outdir', str(outdir), '--figure', 'horizon']) == 2
