@@ -93,3 +93,16 @@ def build_agent(argv, actspace):
   keras.mixed_precision.set_global_policy('float32')
   keras.utils.set_random_seed(config.seed)
   return dreamer.Dreamer(config, actspace)
+
+
+def resolve(agent, name):
+  """The variable a checkpoint name denotes, looked up on the agent: `_step`, `_metrics/<metric>/<total|count>`,
+  or `_<module>/<layer>/<weight>` with the layer an attribute of the module or a Keras sublayer of that name."""
+  parts = name.split('/')
+  if parts[0] == '_metrics':
+    return getattr(agent._metrics[parts[1]], parts[2])
+  obj = agent
+  for part in parts[:-1]:
+    sub = getattr(obj, part, None)
+    obj = sub if sub is not None else {l.name: l for l in obj._flatten_layers(include_self=False)}[part]
+  return getattr(obj, parts[-1])

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import compare  # noqa: E402
 import tools  # noqa: E402
-from conftest import DATA, WALKER, build_agent as build, read_order  # noqa: E402
+from conftest import DATA, WALKER, build_agent as build, read_order, resolve  # noqa: E402
 
 
 def reference_dirs():
@@ -43,19 +43,6 @@ CASES = {
     'onehot_score': (['--action_dist', 'onehot_score', '--expl', 'epsilon_greedy'], spaces.Discrete(4)),
 }
 ORDER = dict(onehot_score='onehot')  # The score-function actor has the straight-through actor's variables.
-
-
-def resolve(agent, name):
-  """The variable a checkpoint name denotes, looked up on the agent: `_step`, `_metrics/<metric>/<total|count>`,
-  or `_<module>/<layer>/<weight>` with the layer an attribute of the module or a Keras sublayer of that name."""
-  parts = name.split('/')
-  if parts[0] == '_metrics':
-    return getattr(agent._metrics[parts[1]], parts[2])
-  obj = agent
-  for part in parts[:-1]:
-    sub = getattr(obj, part, None)
-    obj = sub if sub is not None else {l.name: l for l in obj._flatten_layers(include_self=False)}[part]
-  return getattr(obj, parts[-1])
 
 
 @pytest.mark.parametrize('name', list(CASES))

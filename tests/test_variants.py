@@ -2,7 +2,6 @@
 checks, and one tiny end-to-end run per group of variants (train, --eval_only from its checkpoint; one resumes)."""
 
 import json
-import subprocess
 import sys
 
 import keras
@@ -14,8 +13,7 @@ import dreamer
 import flags
 import planning
 import tools
-from conftest import ROOT, build_agent
-from test_checkpoints import resolve
+from conftest import build_agent, resolve, run_dreamer as run
 
 WALKER_ACTIONS = spaces.Box(-1, 1, (6,))
 
@@ -123,11 +121,7 @@ GROUPS = {  # Two variants per run where they combine, to keep the suite short.
 }
 
 
-def run(*args):
-  return subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True,
-                        timeout=600)
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize('group', list(GROUPS))
 def test_variant_trains_resumes_and_evaluates(group, tmp_path):
   logdir = tmp_path / group
