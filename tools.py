@@ -2,6 +2,7 @@
 summaries and checkpoint files."""
 
 import collections
+import contextlib
 import datetime
 import io
 import json
@@ -326,6 +327,18 @@ class Optimizer:
             v for v in self._variables if not re.search(self._wdpattern, self._names[id(v)])])
       self._opt.build(self._variables)
     return self._variables
+
+  @contextlib.contextmanager
+  def tape(self):
+    """A GradientTape that watches only this optimizer's variables (and what is watched explicitly inside).
+
+    A default tape watches every trainable variable read inside it, and a symbolic loop's gradient then computes
+    the gradients of all the variables the loop captures, wanted or not: the actor's tape around the imagination
+    would compute the RSSM's weight gradients at every step and throw them away. Gradients for this optimizer's
+    variables are the same either way."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch([v.value if isinstance(v, keras.Variable) else v for v in self.variables])
+      yield tape
 
   def scale(self, loss):
     return self._opt.scale_loss(loss) if self._loss_scale else loss
