@@ -2,6 +2,7 @@
 summaries and checkpoint files."""
 
 import collections
+import contextlib
 import datetime
 import io
 import json
@@ -363,6 +364,39 @@ class OneHotDist:
 
 # Optimizer ----------------------------------------------------------------------------------------------------------
 
+class Adam(keras.optimizers.Adam):
+  """Keras's Adam (and its weight decay, iterations, slots, loss scaling and tf.distribute handling) with each
+  variable's update as one fused kernel, `ResourceApplyAdam` (the op TF 2.2's Keras Adam ran, so the reference's
+  too), instead of the ~40 ops Keras 3 traces per variable: the paper configuration's train step has 4,822 ops
+  instead of 6,708 to trace, optimize and instantiate.
+
+  The same math: alpha = lr sqrt(1 - beta2^t) / (1 - beta1^t), m <- m + (1 - beta1)(g - m),
+  v <- v + (1 - beta2)(g^2 - v), var <- var - alpha m / (sqrt(v) + eps), with t = iterations + 1. The kernel
+  evaluates the moments as beta1 m + (1 - beta1) g, so results differ from Keras's in float rounding only.
+  """
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+    if self.amsgrad:
+      return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+    coefficients = {}  # By dtype, computed once for all variables (Keras computes them for each).
+
+    def update(var, grad):
+      if var.dtype not in coefficients:
+        cast = lambda x: tf.cast(x, var.dtype)
+        step = cast(self.iterations + 1)
+        coefficients[var.dtype] = dict(
+            beta1_power=tf.pow(cast(self.beta_1), step), beta2_power=tf.pow(cast(self.beta_2), step),
+            lr=cast(learning_rate), beta1=cast(self.beta_1), beta2=cast(self.beta_2), epsilon=cast(self.epsilon))
+      index = self._get_variable_index(var)
+      # Inside `update`, a mirrored slot's handle is the one on var's device.
+      m, v = self._momentums[index].value, self._velocities[index].value
+      return tf.raw_ops.ResourceApplyAdam(
+          var=var.handle, m=m.handle, v=v.handle, grad=tf.cast(grad, var.dtype), **coefficients[var.dtype])
+
+    for grad, var in grads_and_vars:
+      distribution.extended.update(var, update, args=(grad,), group=False)
+
+
 class Optimizer:
   """Adam over the weights of some layers, with the reference's order: unscale, global norm, clip, weight decay,
   apply.
@@ -382,7 +416,7 @@ class Optimizer:
     self._clip = clip
     self._wd = wd
     self._wdpattern = wdpattern
-    self._opt = keras.optimizers.Adam(lr, weight_decay=wd or None, name=f'{name}_adam')
+    self._opt = Adam(lr, weight_decay=wd or None, name=f'{name}_adam')
     self._inner = self._opt
     if loss_scale:
       self._opt = keras.optimizers.LossScaleOptimizer(self._opt, name=f'{name}_scale')
@@ -401,6 +435,18 @@ class Optimizer:
             v for v in self._variables if not re.search(self._wdpattern, self._names[id(v)])])
       self._opt.build(self._variables)
     return self._variables
+
+  @contextlib.contextmanager
+  def tape(self):
+    """A GradientTape that watches only this optimizer's variables (and what is watched explicitly inside).
+
+    A default tape watches every trainable variable read inside it, and a symbolic loop's gradient then computes
+    the gradients of all the variables the loop captures, wanted or not: the actor's tape around the imagination
+    would compute the RSSM's weight gradients at every step and throw them away. Gradients for this optimizer's
+    variables are the same either way."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch([v.value if isinstance(v, keras.Variable) else v for v in self.variables])
+      yield tape
 
   def scale(self, loss):
     return self._opt.scale_loss(loss) if self._loss_scale else loss
