@@ -122,11 +122,7 @@ class Dreamer:
     if state is None:
       state = (self._dynamics.initial(len(obs['image'])), tf.zeros((len(obs['image']), self._actdim)))
     amount = self._expl_amount(training, step)
-    if training:
-      self._metrics['expl_amount'].update_state(amount)
-    action, state, planned = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
-    if training and planned is not None and 'planned_return' in self._metrics:
-      self._metrics['planned_return'].update_state(planned)
+    action, state = self._policy(image, tf.convert_to_tensor(reset), state, training, tf.constant(amount))
     return action.numpy(), state
 
   @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
@@ -146,7 +142,11 @@ class Dreamer:
     else:
       action = self._actor(self._dynamics.get_feat(latent)).mode()
     action = self._exploration(action, training, amount)
-    return action, (latent, action), planned
+    if training:  # In the graph: eager metric updates cost about 1 ms per step.
+      self._metrics['expl_amount'].update_state(amount)
+      if planned is not None and 'planned_return' in self._metrics:
+        self._metrics['planned_return'].update_state(planned)
+    return action, (latent, action)
 
   def _plan(self, latent, horizon, candidates, topk, iterations):
     """PlaNet's CEM on the learned model from `latent` [N, ...]: (first action [N, A], planned return [N])."""
@@ -245,7 +245,7 @@ class Dreamer:
     # Behavior: imagine ahead from every posterior state (CEM plans in the policy instead).
     if has_actor(c):
       value_tape = tf.GradientTape() if has_value(c) else None
-      with tf.GradientTape() as actor_tape:
+      with self._actor_opt.tape() as actor_tape:  # The actor's weights only: no RSSM weight gradients in the loop.
         imag = self._behavior(post, tools.fold(seed, 2), value_tape)
         actor_loss = -tf.reduce_mean(imag['weights'] * imag['returns'])
     if has_value(c):
