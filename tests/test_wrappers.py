@@ -510,10 +510,10 @@ def test_close_with_a_call_in_flight_shuts_the_worker_down_cleanly(make_async):
 def test_dmc_repeat_inside_matches_action_repeat_wrapper_and_renders_once():
   """DeepMindControl(action_repeat=2) must equal ActionRepeat(DeepMindControl(), 2) and render once per step.
   Runs in a TF-free subprocess, since rendering next to TF crashes."""
+  import inspect
   import subprocess
   import textwrap
-  code = textwrap.dedent('''
-      import numpy as np, wrappers
+  code = 'import numpy as np, wrappers\n' + inspect.getsource(ActionRepeat) + textwrap.dedent('''
       inner = wrappers.DeepMindControl('walker_walk', seed=3, action_repeat=2)
       outer = ActionRepeat(wrappers.DeepMindControl('walker_walk', seed=3), 2)
       renders = {'n': 0}
