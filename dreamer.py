@@ -1,10 +1,8 @@
 """Dreamer (Hafner et al., ICLR 2020): config, command line, the agent and the training loop."""
 
-import collections
 import contextlib
 import functools
 import itertools
-import json
 import os
 import pathlib
 import signal
@@ -556,10 +554,6 @@ def preprocess(obs, config):
     clip_rewards = dict(none=lambda x: x, tanh=tf.tanh)[config.clip_rewards]
     obs['reward'] = clip_rewards(obs['reward'])
   return obs
-
-
-def count_steps(datadir, config):
-  return tools.count_episodes(datadir)[1] * config.action_repeat
 
 
 def make_dataset(datadir, config, strategy):
