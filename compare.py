@@ -215,9 +215,9 @@ def run_train_step(directory):
 
 def compare_train_step(directory):
   """Rows for every out/* array of the directory's refs_train.npz."""
-  refs = dict(np.load(directory / 'refs_train.npz'))
-  if not any(k.startswith('out/') for k in refs):
-    return []  # Nothing to compare: no need to run the step.
+  with np.load(directory / 'refs_train.npz') as refs:  # Only the names: run_train_step reads the arrays.
+    if not any(k.startswith('out/') for k in refs.files):
+      return []  # Nothing to compare: no need to run the step.
   return train_step_rows(*run_train_step(directory))
 
 
