@@ -649,7 +649,6 @@ def _terminate(signum, frame):
 
 def main(config):
   check_config(config)
-  signal.signal(signal.SIGTERM, _terminate)
   policy = setup(config)
   strategy = make_strategy(config)
   device = 'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'
@@ -742,4 +741,5 @@ def cli(config):
 
 
 if __name__ == '__main__':
+  signal.signal(signal.SIGTERM, _terminate)  # The process's own setting: SIGTERM stops a run as Ctrl-C does.
   cli(CONFIG)

@@ -163,10 +163,10 @@ PRESETS = dict(
     # Small networks and batches for a 2-core CPU (see docs/cpu_experiment.md).
     cpu=dict(deter_size=100, stoch_size=20, num_units=200, cnn_depth=16, batch_size=16, batch_length=50,
              train_steps=100, pretrain=100),
-    # Tiny everything, for tests and smoke runs.
+    # Tiny everything, for tests and smoke runs (50-step episodes: rendering is most of a tiny run's time).
     debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
-               train_steps=1, pretrain=3, horizon=3, prefill=200, eval_every=200, train_every=100,
-               log_every=100, time_limit=100),
+               train_steps=1, pretrain=3, horizon=3, prefill=100, eval_every=100, train_every=50,
+               log_every=50, time_limit=50),
 )
 PRESET_HELP = 'none, cpu or debug: named settings applied under the flags you give'
 

@@ -1,38 +1,75 @@
 #!/bin/sh
-# The paper's ablations on one task with the `cpu` preset and one CPU budget per run (see docs/ablations.md).
-# Not run by the tests: each run takes hours on a 2-core CPU. Usage:
+# The paper's ablations on one task, every variant at one size and one step budget (see docs/ablations.md).
+# Not run by the tests: each run takes from tens of minutes to hours on a 2-core CPU. Usage:
 #   sh docs/run_ablations.sh [task] [steps] [seed]      (defaults: dmc_walker_walk 100000 0)
+# Environment (all optional):
+#   FLAGS="..."          flags added to every run (default: --preset cpu)
+#   EVAL_EPISODES=N      episodes of the final evaluation of each run (default 10)
+#   PLANET_SECONDS=S     stop the planet run after S seconds of training (SIGTERM, which saves its checkpoint), so
+#                        that it gets the CPU time of the slowest Dreamer run instead of its environment steps;
+#                        'auto' takes the longest wall time among the other variants' runs (default: no limit)
+#   HORIZONS="5 10 ..."  the horizon sweep's horizons (default "5 10 20 30"; "" skips the sweep)
 # Writes runs/ablations/<task>/<method>/<seed>/ and runs/horizons/<task>/<method>/h<H>_s<seed>/, then the figures.
+# A run that stops resumes from its logdir when the script is started again; a finished run is skipped.
 set -e
 TASK=${1:-dmc_walker_walk}
 STEPS=${2:-100000}
 SEED=${3:-0}
-COMMON="--task $TASK --preset cpu --steps $STEPS --seed $SEED"
+FLAGS=${FLAGS:---preset cpu}
+EVAL_EPISODES=${EVAL_EPISODES:-10}
+HORIZONS=${HORIZONS-5 10 20 30}
+COMMON="--task $TASK --steps $STEPS --seed $SEED $FLAGS"
 
-run() {  # run <folder> <flags...>: train, then evaluate the final checkpoint on 10 episodes.
+run() {  # run <folder> <flags...>: train, then evaluate the final checkpoint (eval.json); the wall time goes to <folder>/seconds.
   dir=$1; shift
-  python dreamer.py --logdir "$dir" $COMMON "$@"
-  python dreamer.py --logdir "$dir" $COMMON "$@" --eval_only True --eval_episodes 10
+  if [ ! -f "$dir/eval.json" ]; then
+    start=$(date +%s)
+    python dreamer.py --logdir "$dir" $COMMON "$@"
+    echo $(( $(date +%s) - start + $(cat "$dir/seconds" 2>/dev/null || echo 0) )) > "$dir/seconds.tmp"
+    mv "$dir/seconds.tmp" "$dir/seconds"
+    python dreamer.py --logdir "$dir" $COMMON "$@" --eval_only True --eval_episodes "$EVAL_EPISODES"
+  fi
 }
 
 A=runs/ablations/$TASK
 run $A/dreamer/$SEED
-run $A/dreamer_nstep/$SEED --value_estimate nstep
 run $A/no_value/$SEED --value_estimate reward
-run $A/planet/$SEED --behavior cem
+run $A/dreamer_nstep/$SEED --value_estimate nstep
 run $A/contrastive/$SEED --representation contrastive
 run $A/reward_only/$SEED --representation reward
+if [ "$PLANET_SECONDS" = auto ]; then
+  PLANET_SECONDS=$(cat $A/*/$SEED/seconds | sort -n | tail -1)
+fi
+if [ -n "$PLANET_SECONDS" ] && [ ! -f "$A/planet/$SEED/eval.json" ]; then
+  mkdir -p "$A/planet/$SEED"
+  spent=$(cat "$A/planet/$SEED/seconds" 2>/dev/null || echo 0)
+  start=$(date +%s)
+  if [ $(( PLANET_SECONDS - spent )) -gt 0 ]; then  # (timeout 0 would mean no limit)
+    timeout -s TERM $(( PLANET_SECONDS - spent )) \
+      python dreamer.py --logdir "$A/planet/$SEED" $COMMON --behavior cem || true
+    echo $(( $(date +%s) - start + spent )) > "$A/planet/$SEED/seconds"
+  fi
+  python dreamer.py --logdir "$A/planet/$SEED" $COMMON --behavior cem --eval_only True \
+    --eval_episodes "$EVAL_EPISODES"
+else
+  run $A/planet/$SEED --behavior cem
+fi
 
 # Final return against the imagination horizon (the paper's horizon figure: Dreamer, n-step and no value).
 H=runs/horizons/$TASK
-for h in 5 10 20 30; do
+for h in $HORIZONS; do
   run $H/dreamer/h${h}_s$SEED --horizon $h
   run $H/dreamer_nstep/h${h}_s$SEED --horizon $h --value_estimate nstep
   run $H/no_value/h${h}_s$SEED --horizon $h --value_estimate reward
 done
-for method in dreamer dreamer_nstep no_value; do  # Horizon 15 (the default) is the ablation run above.
-  ln -sfn "$PWD/$A/$method/$SEED" "$H/$method/h15_s$SEED"
-done
+if [ -n "$HORIZONS" ]; then
+  for method in dreamer dreamer_nstep no_value; do  # Horizon 15 (the default) is the ablation run above.
+    mkdir -p $H/$method
+    ln -sfn "$PWD/$A/$method/$SEED" "$H/$method/h15_s$SEED"
+  done
+fi
 
-python plotting.py --indir runs/ablations --outdir docs/ablations --tasks "$TASK" --no_paper --bins 1e4
-python plotting.py --indir runs/horizons --outdir docs/ablations --tasks "$TASK" --figure horizon --bins 1e4
+python plotting.py --indir runs/ablations --outdir docs/ablations --tasks "$TASK" --no_paper --bins 2500
+if [ -n "$HORIZONS" ]; then
+  python plotting.py --indir runs/horizons --outdir docs/ablations --tasks "$TASK" --figure horizon --bins 2500
+fi

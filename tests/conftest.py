@@ -33,10 +33,33 @@ def pytest_configure(config):
                           'train steps (slow)')
 
 
+def pytest_collection_modifyitems(items):
+  """The slow (e2e) tests first, so that the workers (pytest.ini) do not end on one long test each; a module's
+  tests that share an expensive module fixture carry an `xdist_group` mark and run on one worker."""
+  items.sort(key=lambda item: item.get_closest_marker('e2e') is None)  # Stable: file order within each part.
+
+
 def run_dreamer(*args, timeout=600):
   """`python dreamer.py ARGS` in a subprocess; the CompletedProcess with its text output."""
   return subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True,
                         timeout=timeout)
+
+
+def run_cli(capsys, *args):
+  """`python dreamer.py ARGS` in this process, as the command runs it (parse, check, main; errors become exit
+  codes): (exit code, stdout, stderr). For runs that stop before training: no process start, no second TensorFlow."""
+  import dreamer
+  import flags
+  capsys.readouterr()
+  try:
+    dreamer.cli(flags.parse_and_check(list(args)))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
+  out, err = capsys.readouterr()
+  return code, out, err
 
 
 def start_dreamer(*args):

@@ -455,8 +455,8 @@ def test_impossible_action_settings_stop_before_training(tmp_path, args, flag):
 def test_tiny_atari_run_trains_evaluates_and_stores_one_hot_episodes(tmp_path):
   import json
   import tools
-  result = _run_dreamer('--logdir', str(tmp_path), '--task', 'atari_pong', '--preset', 'debug', '--steps', '600',
-                        '--prefill', '200', '--eval_every', '200', '--train_every', '100', '--precision', '32')
+  result = _run_dreamer('--logdir', str(tmp_path), '--task', 'atari_pong', '--preset', 'debug', '--steps', '300',
+                        '--precision', '32')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   files = sorted((tmp_path / 'episodes').glob('*.npz'))
   assert files

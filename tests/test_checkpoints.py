@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import compare  # noqa: E402
 import tools  # noqa: E402
-from conftest import DATA, WALKER, build_agent as build, read_order, resolve  # noqa: E402
+from conftest import DATA, WALKER, build_agent as build, read_order, resolve, run_cli  # noqa: E402
 
 
 def reference_dirs():
@@ -131,26 +131,34 @@ def bad_files(tmp_path):
           'dict': (dict_file, 'holds a dict'), 'exploit': (exploit, 'refuses')}
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize('kind', ['missing', 'truncated', 'dict', 'exploit'])
-def test_bad_checkpoint_files_exit_2(tmp_path, kind):
+def test_bad_checkpoint_files_exit_2(tmp_path, kind, capsys):
   path, message = bad_files(tmp_path)[kind]
-  result = run('--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True')
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True')
+  assert code == 2, err[-2000:]
+  assert message in err, err[-2000:]
   assert not (tmp_path / 'pwned').exists()
   assert not (tmp_path / 'out' / 'eval.json').exists()
 
 
 @pytest.mark.e2e
-def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_path):
+def test_bad_checkpoint_file_exits_2_from_the_command(tmp_path):
+  """The same, through the real command: exit code 2 and one line, no traceback."""
+  path, message = bad_files(tmp_path)['truncated']
+  result = run('--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+
+
+def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_path, capsys):
   logdir = tmp_path / 'run'
   logdir.mkdir()
   existing = logdir / 'variables.pkl'
   existing.write_bytes((WALKER / 'variables.pkl').read_bytes())
   digest = hashlib.sha256(existing.read_bytes()).hexdigest()
-  result = run('--logdir', str(logdir), '--eval_only', 'True', '--pcont', 'True', '--time_limit', '20')
-  assert result.returncode == 2 and '--pcont' in result.stderr and 'Traceback' not in result.stderr
+  code, _, err = run_cli(capsys, '--logdir', str(logdir), '--eval_only', 'True', '--pcont', 'True',
+                         '--time_limit', '20')
+  assert code == 2 and '--pcont' in err
   assert hashlib.sha256(existing.read_bytes()).hexdigest() == digest
 
 
@@ -172,7 +180,7 @@ def test_eval_only_on_the_original_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
-def test_compare_command_exit_codes(tmp_path):
+def test_compare_command_exit_codes(tmp_path, capsys):
   result = subprocess.run([sys.executable, str(ROOT / 'compare.py'), str(WALKER)], capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -185,7 +193,6 @@ def test_compare_command_exit_codes(tmp_path):
   refs = dict(np.load(WALKER / 'refs.npz'))
   refs['out/value_mode'] = refs['out/value_mode'] + 1e-3
   np.savez(broken / 'refs.npz', **refs)
-  result = subprocess.run([sys.executable, str(ROOT / 'compare.py'), str(broken)], capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 1
-  assert re.search(r'out/value_mode .*FAIL', result.stdout), result.stdout
+  assert compare.main([str(broken)]) == 1  # In this process: the command's exit code is main's return value.
+  out = capsys.readouterr().out
+  assert re.search(r'out/value_mode .*FAIL', out), out

@@ -82,6 +82,7 @@ def assert_same_updates(one, other, replicas=2, rtol=1e-4, atol=1e-6):
                                  err_msg=name)
 
 
+@pytest.mark.xdist_group('one_device')
 def test_weights_change_over_the_three_steps(one_device):
   directory, one = one_device
   import tools
@@ -93,6 +94,7 @@ def test_weights_change_over_the_three_steps(one_device):
   assert any(n.startswith('_value') for n in changed)
 
 
+@pytest.mark.xdist_group('one_device')
 def test_mirrored_over_two_cpus_matches_one_device(one_device, episodes):
   directory, one = one_device
   output = finish(launch(directory / 'mirrored.npz', directory / 'init.pkl', episodes,
@@ -101,8 +103,12 @@ def test_mirrored_over_two_cpus_matches_one_device(one_device, episodes):
   assert_same_updates(one, np.load(directory / 'mirrored.npz'))
 
 
-def test_mirrored_with_one_replica_matches_one_device(tmp_path, episodes):
-  compare_runs(tmp_path, episodes, replicas=1)
+@pytest.mark.xdist_group('one_device')
+def test_mirrored_with_one_replica_matches_one_device(one_device, episodes):
+  directory, one = one_device
+  output = finish(launch(directory / 'mirrored1.npz', directory / 'init.pkl', episodes, '--distribute', 'mirrored'))
+  assert '1 replicas' in output
+  assert_same_updates(one, np.load(directory / 'mirrored1.npz'), replicas=1)
 
 
 def test_independent_noise_pcont_and_onehot_actions_match_one_device(tmp_path, episodes):
@@ -145,6 +151,7 @@ def free_ports(count):
   return ports
 
 
+@pytest.mark.xdist_group('one_device')
 def test_multi_worker_on_loopback_matches_one_device(one_device, episodes):
   directory, one = one_device
   workers = [f'127.0.0.1:{port}' for port in free_ports(2)]
@@ -166,7 +173,7 @@ def test_multi_worker_on_loopback_matches_one_device(one_device, episodes):
 def test_training_run_with_mirrored_strategy(tmp_path):
   """The whole loop (prefill, distributed dataset, train, evaluation, checkpoint) under two replicas."""
   logdir = tmp_path / 'mirrored'
-  result = run('--logdir', str(logdir), '--steps', '400', *TINY, '--distribute', 'mirrored', '--cpu_devices', '2')
+  result = run('--logdir', str(logdir), '--steps', '200', *TINY, '--distribute', 'mirrored', '--cpu_devices', '2')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'MirroredStrategy with 2 replicas; each trains on 2 of the 4 sequences' in result.stdout
   assert (logdir / 'variables.pkl').exists()

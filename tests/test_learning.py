@@ -16,7 +16,8 @@ import dreamer  # noqa: E402
 import tools  # noqa: E402
 import wrappers  # noqa: E402
 
-pytestmark = pytest.mark.e2e  # Two seeds x 60 real train steps: slow.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group('learning')]  # Two seeds x 60 real train steps: slow;
+# both use the module's episodes, rendered once.
 
 # Per-pixel constant of Normal(mean, 1).log_prob summed over a 64x64x3 image: the part of image_loss no model removes.
 IMAGE_FLOOR = 64 * 64 * 3 * 0.5 * np.log(2 * np.pi)

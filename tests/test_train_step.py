@@ -46,6 +46,7 @@ def train_steps():
   return run
 
 
+@pytest.mark.xdist_group('train_step')  # The tests that share the module's train steps run on one worker.
 @pytest.mark.parametrize('directory', train_step_dirs(), ids=lambda p: p.name)
 def test_train_step_matches_the_reference(directory, train_steps):
   rows = compare.train_step_rows(*train_steps(directory))
@@ -56,6 +57,7 @@ def test_train_step_matches_the_reference(directory, train_steps):
   assert not failed, failed
 
 
+@pytest.mark.xdist_group('train_step')
 def test_a_departing_output_fails_and_is_named(train_steps):
   refs, ours, lrs, trained = train_steps(TRAIN_STEP / 'onehot_free_nats0')
   refs = dict(refs)

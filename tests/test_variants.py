@@ -13,7 +13,7 @@ import dreamer
 import flags
 import planning
 import tools
-from conftest import build_agent, resolve, run_dreamer as run
+from conftest import build_agent, resolve, run_cli, run_dreamer as run
 
 WALKER_ACTIONS = spaces.Box(-1, 1, (6,))
 
@@ -123,7 +123,7 @@ GROUPS = {  # Two variants per run where they combine, to keep the suite short.
 
 @pytest.mark.e2e
 @pytest.mark.parametrize('group', list(GROUPS))
-def test_variant_trains_resumes_and_evaluates(group, tmp_path):
+def test_variant_trains_resumes_and_evaluates(group, tmp_path, capsys):
   logdir = tmp_path / group
   argv = ['--logdir', str(logdir), *TINY, *GROUPS[group]]
   result = run(*argv)
@@ -144,11 +144,12 @@ def test_variant_trains_resumes_and_evaluates(group, tmp_path):
     # Resume: the same command loads the variant's checkpoint (and adds nothing: its steps are done). Only once,
     # for the variant furthest from the default, as the suite's time matters: the load it does is the agent's
     # load that --eval_only does for every group below, and check_resume is tested in-process above.
-    result = run(*argv)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert 'Prefill dataset with 0 steps.' in result.stdout and 'Load checkpoint' in result.stdout
+    # In this process (the command's main; the trained run above was the real command).
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert 'Prefill dataset with 0 steps.' in out and 'Load checkpoint' in out
   # The checkpoint loads into the variant's agent and evaluates with its policy (the CEM plan for planet).
-  result = run(*argv, '--eval_only', 'True', '--eval_episodes', '1')
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  code, out, err = run_cli(capsys, *argv, '--eval_only', 'True', '--eval_episodes', '1')
+  assert code == 0, out[-3000:] + err[-3000:]
   evaluation = json.loads((logdir / 'eval.json').read_text())
   assert len(evaluation['returns']) == 1 and evaluation['step'] == int(values[0])
