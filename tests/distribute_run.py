@@ -1,9 +1,12 @@
 """Runs a few train steps of a tiny agent on fixed batches and seeds; writes its weights and metrics to an npz.
 
   python tests/distribute_run.py OUT.npz INIT.pkl EPISODES [dreamer flags]
+  python tests/distribute_run.py ONE.npz,MIRRORED.npz INIT.pkl EPISODES [dreamer flags]
 
 With INIT.pkl missing the agent saves its initial weights there first. Run once on one device and again with
-`--distribute mirrored --cpu_devices 2` or as each worker of a TF_CONFIG cluster: the weights must agree.
+`--distribute mirrored --cpu_devices 2` or as each worker of a TF_CONFIG cluster: the weights must agree. Given two
+outputs, one process makes both runs, on one device and then with `--distribute mirrored --cpu_devices 2` added
+(the process's start, TensorFlow's import, is most of a tiny run's time).
 """
 
 import os
@@ -24,16 +27,22 @@ import wrappers  # noqa: E402
 STEPS = 3
 
 
-def main(out, init, episodes, argv):
+def main(outs, init, episodes, argv):
   """Environment: FLOAT16=1 forces mixed_float16 (the GPU policy, with loss scaling) on the CPU; NAN_STEP=i puts
   NaN images in the second half of batch i, which belongs to the second replica when there are two."""
-  config = dreamer.parse_args(['--logdir', str(pathlib.Path(out).parent)] + argv)
-  dreamer.setup(config)
+  outs = outs.split(',')
+  argvs = [argv, argv + ['--distribute', 'mirrored', '--cpu_devices', '2']][:len(outs)]
+  configs = [dreamer.parse_args(['--logdir', str(pathlib.Path(outs[0]).parent)] + a) for a in argvs]
+  dreamer.setup(configs[-1])  # The devices of the last (the mirrored) run; the one-device run uses the first.
+  for out, config in zip(outs, configs):
+    run(out, pathlib.Path(init), episodes, config)
+
+
+def run(out, init, episodes, config):
   strategy = dreamer.make_strategy(config)
-  if os.environ.get('FLOAT16'):
-    keras.mixed_precision.set_global_policy('mixed_float16')
+  keras.mixed_precision.set_global_policy('mixed_float16' if os.environ.get('FLOAT16') else
+                                          dreamer.resolve_precision(config))
   agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
-  init = pathlib.Path(init)
   if init.exists():
     agent.load(init)
   else:

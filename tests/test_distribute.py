@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchmark  # noqa: E402
-from conftest import TINY, run_dreamer as run  # noqa: E402
+from conftest import TINY, run_cli, run_dreamer as run  # noqa: E402
 
 pytestmark = pytest.mark.e2e  # Real train steps by the dozen, in several processes: slow.
 
@@ -46,22 +46,27 @@ def episodes(tmp_path_factory):
   return directory
 
 
+def launch_pair(directory, episodes, *flags, env=None):
+  """One process, two runs of the same three steps: on one device (one.npz) and mirrored over two CPUs (many.npz)."""
+  output = finish(launch(f'{directory / "one.npz"},{directory / "many.npz"}', directory / 'init.pkl', episodes,
+                         *flags, env=env))
+  assert '1 replicas' in output and '2 replicas' in output
+  return np.load(directory / 'one.npz'), np.load(directory / 'many.npz')
+
+
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory, episodes):
-  """Initial weights (saved by the one-device run) and the one-device result after three train steps."""
+  """Initial weights (saved by the one-device run), the one-device result after three train steps and (many.npz)
+  the mirrored one over two CPUs."""
   directory = tmp_path_factory.mktemp('distribute')
-  finish(launch(directory / 'one.npz', directory / 'init.pkl', episodes))
-  return directory, np.load(directory / 'one.npz')
+  one, _ = launch_pair(directory, episodes)
+  return directory, one
 
 
-def compare_runs(directory, episodes, *flags, env=None, replicas=2, **tolerance):
+def compare_runs(directory, episodes, *flags, env=None, **tolerance):
   """Runs the one-device and the distributed version of the same three steps; checks they end equal."""
-  finish(launch(directory / 'one.npz', directory / 'init.pkl', episodes, *flags, env=env))
-  output = finish(launch(directory / 'many.npz', directory / 'init.pkl', episodes, *flags, '--distribute',
-                         'mirrored', *(['--cpu_devices', str(replicas)] if replicas > 1 else []), env=env))
-  assert f'{replicas} replicas' in output
-  one, many = np.load(directory / 'one.npz'), np.load(directory / 'many.npz')
-  assert_same_updates(one, many, replicas, **tolerance)
+  one, many = launch_pair(directory, episodes, *flags, env=env)
+  assert_same_updates(one, many, **tolerance)
   return one, many
 
 
@@ -95,12 +100,9 @@ def test_weights_change_over_the_three_steps(one_device):
 
 
 @pytest.mark.xdist_group('one_device')
-def test_mirrored_over_two_cpus_matches_one_device(one_device, episodes):
+def test_mirrored_over_two_cpus_matches_one_device(one_device):
   directory, one = one_device
-  output = finish(launch(directory / 'mirrored.npz', directory / 'init.pkl', episodes,
-                         '--distribute', 'mirrored', '--cpu_devices', '2'))
-  assert '2 replicas' in output
-  assert_same_updates(one, np.load(directory / 'mirrored.npz'))
+  assert_same_updates(one, np.load(directory / 'many.npz'))
 
 
 @pytest.mark.xdist_group('one_device')
@@ -127,10 +129,7 @@ def test_nan_on_one_replica_skips_the_step_on_all(tmp_path, episodes, float16):
   env = with_env(NAN_STEP='1', **({'FLOAT16': '1'} if float16 else {}))
   flags = ('--grad_clip', '0')
   if float16:
-    finish(launch(tmp_path / 'one.npz', tmp_path / 'init.pkl', episodes, *flags, env=env))
-    finish(launch(tmp_path / 'many.npz', tmp_path / 'init.pkl', episodes, *flags, '--distribute', 'mirrored',
-                  '--cpu_devices', '2', env=env))
-    one, many = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'many.npz')
+    one, many = launch_pair(tmp_path, episodes, *flags, env=env)
   else:
     one, many = compare_runs(tmp_path, episodes, *flags, env=env)
   column = list(one['metric_names']).index('nonfinite')
@@ -189,9 +188,8 @@ def test_batch_that_does_not_split_over_replicas_exits_2(tmp_path):
   assert 'use a multiple of 3' in result.stderr
 
 
-def test_multi_worker_without_tf_config_exits_2(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
-  result = subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(tmp_path / 'x'), *TINY,
-                           '--distribute', 'multi_worker'], capture_output=True, text=True, timeout=300, env=env)
-  assert result.returncode == 2
-  assert 'TF_CONFIG' in result.stderr
+def test_multi_worker_without_tf_config_exits_2(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv('TF_CONFIG', raising=False)
+  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'x'), *TINY, '--distribute', 'multi_worker')
+  assert code == 2
+  assert 'TF_CONFIG' in err
