@@ -20,15 +20,22 @@ EVAL_EPISODES=${EVAL_EPISODES:-10}
 HORIZONS=${HORIZONS-5 10 20 30}
 COMMON="--task $TASK --steps $STEPS --seed $SEED $FLAGS"
 
+LIMIT=  # When set, run() stops training after this many seconds of wall time in all (only the planet run).
+
 run() {  # run <folder> <flags...>: train, then evaluate the final checkpoint (eval.json); the wall time goes to <folder>/seconds.
   dir=$1; shift
-  if [ ! -f "$dir/eval.json" ]; then
-    start=$(date +%s)
+  if [ -f "$dir/eval.json" ]; then return 0; fi
+  mkdir -p "$dir"
+  spent=$(cat "$dir/seconds" 2>/dev/null || echo 0)
+  start=$(date +%s)
+  if [ -z "$LIMIT" ]; then
     python dreamer.py --logdir "$dir" $COMMON "$@"
-    echo $(( $(date +%s) - start + $(cat "$dir/seconds" 2>/dev/null || echo 0) )) > "$dir/seconds.tmp"
-    mv "$dir/seconds.tmp" "$dir/seconds"
-    python dreamer.py --logdir "$dir" $COMMON "$@" --eval_only True --eval_episodes "$EVAL_EPISODES"
+  elif [ $(( LIMIT - spent )) -gt 0 ]; then  # (timeout 0 would mean no limit)
+    timeout -s TERM $(( LIMIT - spent )) python dreamer.py --logdir "$dir" $COMMON "$@" || true
   fi
+  echo $(( $(date +%s) - start + spent )) > "$dir/seconds.tmp"
+  mv "$dir/seconds.tmp" "$dir/seconds"
+  python dreamer.py --logdir "$dir" $COMMON "$@" --eval_only True --eval_episodes "$EVAL_EPISODES"
 }
 
 A=runs/ablations/$TASK
@@ -40,20 +47,9 @@ run $A/reward_only/$SEED --representation reward
 if [ "$PLANET_SECONDS" = auto ]; then
   PLANET_SECONDS=$(cat $A/*/$SEED/seconds | sort -n | tail -1)
 fi
-if [ -n "$PLANET_SECONDS" ] && [ ! -f "$A/planet/$SEED/eval.json" ]; then
-  mkdir -p "$A/planet/$SEED"
-  spent=$(cat "$A/planet/$SEED/seconds" 2>/dev/null || echo 0)
-  start=$(date +%s)
-  if [ $(( PLANET_SECONDS - spent )) -gt 0 ]; then  # (timeout 0 would mean no limit)
-    timeout -s TERM $(( PLANET_SECONDS - spent )) \
-      python dreamer.py --logdir "$A/planet/$SEED" $COMMON --behavior cem || true
-    echo $(( $(date +%s) - start + spent )) > "$A/planet/$SEED/seconds"
-  fi
-  python dreamer.py --logdir "$A/planet/$SEED" $COMMON --behavior cem --eval_only True \
-    --eval_episodes "$EVAL_EPISODES"
-else
-  run $A/planet/$SEED --behavior cem
-fi
+LIMIT=$PLANET_SECONDS
+run $A/planet/$SEED --behavior cem
+LIMIT=
 
 # Final return against the imagination horizon (the paper's horizon figure: Dreamer, n-step and no value).
 H=runs/horizons/$TASK

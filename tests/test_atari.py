@@ -18,6 +18,7 @@ from gymnasium import spaces
 from PIL import Image
 
 import wrappers
+from conftest import run_dreamer as _run_dreamer
 
 PONG = dict(task='atari_pong', action_repeat=4, time_limit=200, precision=16, seed=0)  # 50 agent steps.
 NATIVE = (210, 160)  # ALE screen (height, width).
@@ -371,12 +372,6 @@ def test_async_unknown_game():
 
 
 # The agent on Atari: defaults, flag checks and a tiny end-to-end run ------------------------------------------------
-
-def _run_dreamer(*args, timeout=600):
-  import subprocess
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'dreamer.py'), *args], capture_output=True, text=True,
-                        timeout=timeout)
-
 
 def test_atari_defaults_apply_under_given_flags():
   import dreamer

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import compare  # noqa: E402
 import tools  # noqa: E402
 from conftest import DATA, WALKER, build_agent as build, read_order, resolve, run_cli  # noqa: E402
+from conftest import run_dreamer  # noqa: E402
 
 
 def reference_dirs():
@@ -109,11 +110,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   tools.read_checkpoint(path)
 
 
-def run(*args, timeout=300):
-  return subprocess.run([sys.executable, str(ROOT / 'dreamer.py'), *args], capture_output=True, text=True,
-                        timeout=timeout)
-
-
 class Exploit:
   def __reduce__(self):
     return (os.system, (f'touch {self.target}',))
@@ -145,7 +141,8 @@ def test_bad_checkpoint_files_exit_2(tmp_path, kind, capsys):
 def test_bad_checkpoint_file_exits_2_from_the_command(tmp_path):
   """The same, through the real command: exit code 2 and one line, no traceback."""
   path, message = bad_files(tmp_path)['truncated']
-  result = run('--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True')
+  result = run_dreamer('--logdir', str(tmp_path / 'out'), '--checkpoint', str(path), '--eval_only', 'True',
+                       timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
 
@@ -165,8 +162,9 @@ def test_checkpoint_of_other_config_exits_2_and_keeps_existing_checkpoint(tmp_pa
 @pytest.mark.e2e
 def test_eval_only_on_the_original_checkpoint(tmp_path):
   out = tmp_path / 'eval'
-  result = run('--logdir', str(out), '--task', 'dmc_walker_walk', '--checkpoint', str(WALKER / 'variables.pkl'),
-               '--eval_only', 'True', '--eval_episodes', '2', '--time_limit', '100')
+  result = run_dreamer('--logdir', str(out), '--task', 'dmc_walker_walk', '--checkpoint',
+                       str(WALKER / 'variables.pkl'), '--eval_only', 'True', '--eval_episodes', '2',
+                       '--time_limit', '100', timeout=300)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
   data = json.loads((out / 'eval.json').read_text())
   assert set(data) == {'task', 'checkpoint', 'step', 'returns', 'mean', 'std'}
