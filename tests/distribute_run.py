@@ -66,9 +66,11 @@ def run(out, init, episodes, config):
     data = strategy.experimental_distribute_values_from_function(part)
     result = agent.train(data, tf.constant([7, index], tf.int64))
     metrics.append({k: float(np.mean(v)) for k, v in result.items()})
+  # The loop's input pipeline: per-replica batches of this worker's own stream (one stream per worker).
+  images = strategy.experimental_local_results(next(dreamer.make_dataset(episodes, config, strategy))['image'])
   weights = [v.numpy() for _, v in agent.checkpoint_table()]
   names = [n for n, _ in agent.checkpoint_table()]
-  np.savez(out, names=np.array(names), replicas=replicas,
+  np.savez(out, names=np.array(names), replicas=replicas, images=np.stack([np.asarray(i) for i in images]),
            metrics=np.array([[m[k] for k in sorted(m)] for m in metrics]), metric_names=np.array(sorted(metrics[0])),
            **{f'w{i}': w for i, w in enumerate(weights)})
   print(f'{replicas} replicas: model_loss {[round(m["model_loss"], 4) for m in metrics]}')

@@ -25,17 +25,18 @@ IMAGE_FLOOR = 64 * 64 * 3 * 0.5 * np.log(2 * np.pi)
 
 @pytest.fixture(scope='module')
 def datadir(tmp_path_factory):
-  """Six random-action episodes of dmc_walker_walk (100 agent steps each), rendered in a worker process."""
+  """Three random-action episodes of dmc_walker_walk (100 agent steps each), rendered in a worker process: the
+  tests train on one fixed batch of 8 windows drawn from them."""
   directory = tmp_path_factory.mktemp('episodes')
   env = wrappers.Async('walker', dict(task='dmc_walker_walk', action_repeat=2, time_limit=200, precision=16, seed=1))
   try:
     space = env.action_space
     space.seed(0)
     random_agent = lambda obs, done, state: ([space.sample() for _ in done], None)
-    tools.simulate(random_agent, [env], episodes=6, on_episode=lambda ep: tools.save_episodes(directory, [ep]))
+    tools.simulate(random_agent, [env], episodes=3, on_episode=lambda ep: tools.save_episodes(directory, [ep]))
   finally:
     env.close()
-  assert tools.count_episodes(directory) == (6, 600)
+  assert tools.count_episodes(directory) == (3, 300)
   return directory
 
 

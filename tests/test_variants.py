@@ -13,7 +13,7 @@ import dreamer
 import flags
 import planning
 import tools
-from conftest import build_agent, resolve, run_cli, run_dreamer as run
+from conftest import build_agent, resolve, run_cli
 
 WALKER_ACTIONS = spaces.Box(-1, 1, (6,))
 
@@ -126,8 +126,8 @@ GROUPS = {  # Two variants per run where they combine, to keep the suite short.
 def test_variant_trains_resumes_and_evaluates(group, tmp_path, capsys):
   logdir = tmp_path / group
   argv = ['--logdir', str(logdir), *TINY, *GROUPS[group]]
-  result = run(*argv)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  code, out, err = run_cli(capsys, *argv)  # In this process: TensorFlow is imported already.
+  assert code == 0, out[-3000:] + err[-3000:]
   config = flags.AttrDict(json.loads((logdir / 'config.json').read_text()))
   expected = set(dreamer.metric_names(config))
   scalars = [json.loads(line) for line in (logdir / 'metrics.jsonl').read_text().splitlines()]
@@ -139,12 +139,11 @@ def test_variant_trains_resumes_and_evaluates(group, tmp_path, capsys):
   values = tools.read_checkpoint(logdir / 'variables.pkl')
   assert len(values) == len(dreamer.checkpoint_names(config)) and values[0] >= 80
   if config.representation != 'reconstruction':
-    assert 'trains no image decoder, so no agent/openl video' in result.stdout
+    assert 'trains no image decoder, so no agent/openl video' in out
   if group == 'planet':
     # Resume: the same command loads the variant's checkpoint (and adds nothing: its steps are done). Only once,
     # for the variant furthest from the default, as the suite's time matters: the load it does is the agent's
     # load that --eval_only does for every group below, and check_resume is tested in-process above.
-    # In this process (the command's main; the trained run above was the real command).
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, out[-3000:] + err[-3000:]
     assert 'Prefill dataset with 0 steps.' in out and 'Load checkpoint' in out
