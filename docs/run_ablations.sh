@@ -11,6 +11,9 @@
 #   HORIZONS="5 10 ..."  the horizon sweep's horizons (default "5 10 20 30"; "" skips the sweep)
 # Writes runs/ablations/<task>/<method>/<seed>/ and runs/horizons/<task>/<method>/h<H>_s<seed>/, then the figures.
 # A run that stops resumes from its logdir when the script is started again; a finished run is skipped.
+# Beside other work: `nice` alone does not lower the runs' share of the CPU when they are started in a session of
+# their own (setsid, or another terminal): Linux shares the CPU between sessions first (autogroup). Lower the
+# session's share too: echo 19 > /proc/<pid of the script>/autogroup
 set -e
 TASK=${1:-dmc_walker_walk}
 STEPS=${2:-100000}
