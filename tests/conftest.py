@@ -34,9 +34,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-  """The slow (e2e) tests first, so that the workers (pytest.ini) do not end on one long test each; a module's
-  tests that share an expensive module fixture carry an `xdist_group` mark and run on one worker."""
-  items.sort(key=lambda item: item.get_closest_marker('e2e') is None)  # Stable: file order within each part.
+  """The slow (e2e) tests first, the longest of them (`e2e(longest=True)`: minutes, in one process after another)
+  before the rest, so that the workers (pytest.ini) do not end on one long test each; a module's tests that share
+  an expensive module fixture carry an `xdist_group` mark and run on one worker."""
+  def order(item):
+    e2e = item.get_closest_marker('e2e')
+    return (e2e is None, not (e2e and e2e.kwargs.get('longest')))
+  items.sort(key=order)  # Stable: file order within each part.
 
 
 def run_dreamer(*args, timeout=600):

@@ -128,7 +128,7 @@ def wait_for(process, text, occurrence=1, timeout=300):
   raise AssertionError(f'the run ended before printing {text!r} {occurrence} times:\n' + ''.join(lines))
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(longest=True)
 def test_killed_and_stopped_at_each_point_the_run_resumes(tmp_path):
   """One run of 300 steps, stopped at deterministic points and restarted each time with the same command: kill -9
   while prefilling (an episode was just saved) and at the start of the pretraining round (no checkpoint yet); SIGTERM
