@@ -563,10 +563,9 @@ def make_dataset(datadir, config, strategy):
   The batches reach the replicas from Python, not through `distribute_datasets_from_function`: with TF 2.21 the
   per-device iterators that makes are slow to destroy (their tf.data autotuning thread is not woken when they are),
   which held a mirrored run up to a minute at its end."""
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  worker = resolver.task_id if resolver is not None and resolver.task_type else 0
   replicas = strategy.num_replicas_in_sync
-  batches = iter(load_dataset(datadir, config, config.batch_size // replicas, seeds.dataset(config.seed, worker)))
+  batches = iter(load_dataset(datadir, config, config.batch_size // replicas,
+                              seeds.dataset(config.seed, worker_index(strategy))))
   if replicas == 1:
     return batches
   local = len(strategy.extended.worker_devices)  # This worker's replicas; their ids are global.
@@ -651,6 +650,14 @@ def make_strategy(config):
   return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
+def worker_index(strategy):
+  """This process's task index in a multi-worker run, else 0: its environments and its input pipeline get seeds
+  of their own."""
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return strategy.cluster_resolver.task_id
+  return 0
+
+
 def check_replicas(config, replicas):
   if config.batch_size % replicas:
     raise UserError(f'--batch_size {config.batch_size} does not split evenly over the {replicas} replicas of '
@@ -671,9 +678,7 @@ def main(config):
   if device == 'CPU':
     print(f'CPU: {runtime.describe_cpu()}.')
   check_replicas(config, strategy.num_replicas_in_sync)  # Before any environment starts.
-  worker = 0  # This process's task index in a multi-worker run: its environments get their own seeds.
-  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    worker = strategy.cluster_resolver.task_id
+  worker = worker_index(strategy)
   if strategy.num_replicas_in_sync > 1:
     print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '
           f'{config.batch_size // strategy.num_replicas_in_sync} of the {config.batch_size} sequences of a batch.')

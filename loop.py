@@ -26,9 +26,10 @@ class NonFiniteError(RuntimeError):
 
 class Counter:
   """The run's one step count (the reference's count_steps). Read from the episode files once (their names give
-  their lengths), then kept up to date by the loop: `stored` env steps in the episodes on disk and `episodes` their number (advanced when an
-  episode is saved), `step` the env steps the agent has taken (advanced per training policy step, as the
-  reference's agent step; schedules, scalar logs and the checkpoint's `_step` use it)."""
+  their lengths), then kept up to date by the loop: `stored` env steps in the episodes on disk and `episodes`
+  their number (advanced when an episode is saved), `step` the env steps the agent has taken (advanced per
+  training policy step, as the reference's agent step; schedules, scalar logs and the checkpoint's `_step` use
+  it)."""
 
   def __init__(self, datadir, action_repeat):
     self.action_repeat = action_repeat

@@ -18,8 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import compare  # noqa: E402
 import tools  # noqa: E402
-from conftest import DATA, WALKER, build_agent as build, read_order, resolve, run_cli  # noqa: E402
-from conftest import run_dreamer  # noqa: E402
+from conftest import DATA, WALKER, build_agent as build, read_order, resolve, run_cli, run_dreamer  # noqa: E402
 
 
 def reference_dirs():
