@@ -1,12 +1,14 @@
 """Runs a few train steps of a tiny agent on fixed batches and seeds; writes its weights and metrics to an npz.
 
   python tests/distribute_run.py OUT.npz INIT.pkl EPISODES [dreamer flags]
-  python tests/distribute_run.py ONE.npz,MIRRORED.npz INIT.pkl EPISODES [dreamer flags]
+  python tests/distribute_run.py RUN=OUT.npz,RUN=OUT.npz,... INIT.pkl EPISODES [dreamer flags]
 
-With INIT.pkl missing the agent saves its initial weights there first. Run once on one device and again with
-`--distribute mirrored --cpu_devices 2` or as each worker of a TF_CONFIG cluster: the weights must agree. Given two
-outputs, one process makes both runs, on one device and then with `--distribute mirrored --cpu_devices 2` added
-(the process's start, TensorFlow's import, is most of a tiny run's time).
+With INIT.pkl missing the first run saves its initial weights there; every run starts from them. A bare OUT.npz
+runs as the flags say (e.g. as one worker of a TF_CONFIG cluster). Named runs are made one after another in this
+process (the process's start, TensorFlow's import, is most of a tiny run's time; the CPU is split into two logical
+devices for all of them): `one` on one device, `mirrored2` under MirroredStrategy over the two CPUs,
+`mirrored1` under MirroredStrategy over the first CPU alone; `-float16` after a name forces mixed_float16 (the GPU
+policy, with loss scaling) on the CPU. The weights of all must agree.
 """
 
 import os
@@ -27,21 +29,32 @@ import wrappers  # noqa: E402
 STEPS = 3
 
 
+STRATEGIES = dict(  # By the flags a user gives, except mirrored1 (the process has two CPUs).
+    one=lambda config: dreamer.make_strategy(config),
+    mirrored2=lambda config: dreamer.make_strategy(
+        dreamer.parse_args(['--logdir', str(config.logdir), '--distribute', 'mirrored', '--cpu_devices', '2'])),
+    mirrored1=lambda config: tf.distribute.MirroredStrategy(['/cpu:0']))
+
+
 def main(outs, init, episodes, argv):
-  """Environment: FLOAT16=1 forces mixed_float16 (the GPU policy, with loss scaling) on the CPU; NAN_STEP=i puts
-  NaN images in the second half of batch i, which belongs to the second replica when there are two."""
-  outs = outs.split(',')
-  argvs = [argv, argv + ['--distribute', 'mirrored', '--cpu_devices', '2']][:len(outs)]
-  configs = [dreamer.parse_args(['--logdir', str(pathlib.Path(outs[0]).parent)] + a) for a in argvs]
-  dreamer.setup(configs[-1])  # The devices of the last (the mirrored) run; the one-device run uses the first.
-  for out, config in zip(outs, configs):
-    run(out, pathlib.Path(init), episodes, config)
+  """Environment: NAN_STEP=i puts NaN images in the second half of batch i, which belongs to the second replica
+  when there are two."""
+  runs = [out.split('=', 1) if '=' in out else (None, out) for out in outs.split(',')]
+  config = dreamer.parse_args(['--logdir', str(pathlib.Path(runs[0][1]).parent)] + argv)
+  dreamer.setup(config if runs[0][0] is None else
+                dreamer.parse_args(['--logdir', str(config.logdir), '--cpu_devices', '2'] + argv))
+  for name, out in runs:
+    if name is None:
+      strategy, policy = dreamer.make_strategy(config), dreamer.resolve_precision(config)
+    else:
+      kind, _, precision = name.partition('-')
+      strategy = STRATEGIES[kind](config)
+      policy = 'mixed_float16' if precision == 'float16' else dreamer.resolve_precision(config)
+    run(out, pathlib.Path(init), episodes, config, strategy, policy)
 
 
-def run(out, init, episodes, config):
-  strategy = dreamer.make_strategy(config)
-  keras.mixed_precision.set_global_policy('mixed_float16' if os.environ.get('FLOAT16') else
-                                          dreamer.resolve_precision(config))
+def run(out, init, episodes, config, strategy, policy):
+  keras.mixed_precision.set_global_policy(policy)
   agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
   if init.exists():
     agent.load(init)

@@ -46,28 +46,25 @@ def episodes(tmp_path_factory):
   return directory
 
 
-def launch_pair(directory, episodes, *flags, env=None):
-  """One process, two runs of the same three steps: on one device (one.npz) and mirrored over two CPUs (many.npz)."""
-  output = finish(launch(f'{directory / "one.npz"},{directory / "many.npz"}', directory / 'init.pkl', episodes,
-                         *flags, env=env))
-  assert '1 replicas' in output and '2 replicas' in output
-  return np.load(directory / 'one.npz'), np.load(directory / 'many.npz')
+def launch_runs(directory, episodes, runs, *flags, env=None):
+  """One process, several runs of the same three steps from the same initial weights (init.pkl, saved by the first
+  when missing); `runs` names them (tests/distribute_run.py: `one`, `mirrored2`, `mirrored1`, `-float16`). Returns
+  {name: npz}."""
+  spec = ','.join(f'{name}={directory / (name + ".npz")}' for name in runs)
+  output = finish(launch(spec, directory / 'init.pkl', episodes, *flags, env=env))
+  results = {name: np.load(directory / f'{name}.npz') for name in runs}
+  for name, result in results.items():
+    assert f'{int(result["replicas"])} replicas' in output, name
+  return results
 
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory, episodes):
-  """Initial weights (saved by the one-device run), the one-device result after three train steps and (many.npz)
-  the mirrored one over two CPUs."""
+  """The initial weights (init.pkl, saved by the one-device run) and three runs of three steps from them: on one
+  device (one.npz), mirrored over two CPUs (mirrored2.npz) and mirrored over one (mirrored1.npz)."""
   directory = tmp_path_factory.mktemp('distribute')
-  one, _ = launch_pair(directory, episodes)
-  return directory, one
-
-
-def compare_runs(directory, episodes, *flags, env=None, **tolerance):
-  """Runs the one-device and the distributed version of the same three steps; checks they end equal."""
-  one, many = launch_pair(directory, episodes, *flags, env=env)
-  assert_same_updates(one, many, **tolerance)
-  return one, many
+  runs = launch_runs(directory, episodes, ['one', 'mirrored2', 'mirrored1'])
+  return directory, runs
 
 
 def assert_same_updates(one, other, replicas=2, rtol=1e-4, atol=1e-6):
@@ -89,7 +86,8 @@ def assert_same_updates(one, other, replicas=2, rtol=1e-4, atol=1e-6):
 
 @pytest.mark.xdist_group('one_device')
 def test_weights_change_over_the_three_steps(one_device):
-  directory, one = one_device
+  directory, runs = one_device
+  one = runs['one']
   import tools
   initial = tools.read_checkpoint(directory / 'init.pkl')
   names = list(one['names'])
@@ -101,8 +99,8 @@ def test_weights_change_over_the_three_steps(one_device):
 
 @pytest.mark.xdist_group('one_device')
 def test_mirrored_over_two_cpus_matches_one_device(one_device):
-  directory, one = one_device
-  many = np.load(directory / 'many.npz')
+  _, runs = one_device
+  one, many = runs['one'], runs['mirrored2']
   assert_same_updates(one, many)
   # The input pipeline: a batch of 4 is 2 per replica, and the replicas take consecutive batches of one stream.
   assert one['images'].shape[:2] == (1, 4) and many['images'].shape[:2] == (2, 2)
@@ -110,11 +108,9 @@ def test_mirrored_over_two_cpus_matches_one_device(one_device):
 
 
 @pytest.mark.xdist_group('one_device')
-def test_mirrored_with_one_replica_matches_one_device(one_device, episodes):
-  directory, one = one_device
-  output = finish(launch(directory / 'mirrored1.npz', directory / 'init.pkl', episodes, '--distribute', 'mirrored'))
-  assert '1 replicas' in output
-  assert_same_updates(one, np.load(directory / 'mirrored1.npz'), replicas=1)
+def test_mirrored_with_one_replica_matches_one_device(one_device):
+  _, runs = one_device
+  assert_same_updates(runs['one'], runs['mirrored1'], replicas=1)
 
 
 def assert_nan_step_skipped(one, many):
@@ -128,24 +124,33 @@ def assert_nan_step_skipped(one, many):
       assert np.all(np.isfinite(many[f'w{index}'])), name
 
 
-def test_independent_noise_pcont_onehot_and_a_nan_replica_match_one_device(tmp_path, episodes):
+@pytest.fixture(scope='module')
+def nan_runs(tmp_path_factory, episodes):
+  """Per-element RSSM noise, pcont and one-hot actions, no clipping, and NaN images in step 1's second half (the
+  second replica's): on one device and mirrored over two CPUs, in float32 and in float16 (one process)."""
+  return launch_runs(tmp_path_factory.mktemp('nan'), episodes,
+                     ['one', 'mirrored2', 'one-float16', 'mirrored2-float16'], '--shared_noise', 'False', '--pcont',
+                     'True', '--action_dist', 'onehot', '--grad_clip', '0', env=with_env(NAN_STEP='1'))
+
+
+@pytest.mark.xdist_group('nan')
+def test_independent_noise_pcont_onehot_and_a_nan_replica_match_one_device(nan_runs):
   """Per-element RSSM noise and Gumbel-max one-hot samples are drawn for the global batch and sliced. Step 1's NaN
   images are all in the second replica's half: both replicas skip the step, as one device does. Without clipping,
   which would already turn every replica's gradients into NaN, a replica only skips because the finiteness is
-  decided on the sum of the replicas' gradients. (One pair of runs checks both, as the suite's time matters.)"""
-  one, many = compare_runs(tmp_path, episodes, '--shared_noise', 'False', '--pcont', 'True', '--action_dist',
-                           'onehot', '--grad_clip', '0', env=with_env(NAN_STEP='1'))
-  assert_nan_step_skipped(one, many)
+  decided on the sum of the replicas' gradients. (One set of runs checks both, as the suite's time matters.)"""
+  assert_same_updates(nan_runs['one'], nan_runs['mirrored2'])
+  assert_nan_step_skipped(nan_runs['one'], nan_runs['mirrored2'])
 
 
-def test_nan_on_one_replica_skips_the_step_on_all_under_float16(tmp_path, episodes):
+@pytest.mark.xdist_group('nan')
+def test_nan_on_one_replica_skips_the_step_on_all_under_float16(nan_runs):
   """The same NaN step under float16, through the loss scaler (which also lowers its scale): it sees only the first
   replica's finite part unless told otherwise.
 
   The runs are not compared weight for weight: whether a step overflows at a given loss scale depends on how the
   batch is split (the one-device run's third step fits in float16 where a replica's may not)."""
-  one, many = launch_pair(tmp_path, episodes, '--grad_clip', '0', env=with_env(NAN_STEP='1', FLOAT16='1'))
-  assert_nan_step_skipped(one, many)
+  assert_nan_step_skipped(nan_runs['one-float16'], nan_runs['mirrored2-float16'])
 
 
 def free_ports(count):
@@ -160,7 +165,8 @@ def free_ports(count):
 
 @pytest.mark.xdist_group('one_device')
 def test_multi_worker_on_loopback_matches_one_device(one_device, episodes):
-  directory, one = one_device
+  directory, runs = one_device
+  one = runs['one']
   workers = [f'127.0.0.1:{port}' for port in free_ports(2)]
   processes = []
   for index in range(2):
