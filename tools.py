@@ -476,11 +476,10 @@ class Optimizer:
       # as the sum does.
       grads = [g * tf.cast(tf.where(finite, 1.0, np.nan), g.dtype) for g in grads]
       self._opt.apply(grads, variables)  # Applies finite steps, skips the others and adapts the scale.
-    elif not tf.distribute.has_strategy():
-      tf.cond(finite, lambda: self._opt.apply(grads, variables), lambda: None)
     else:
       # A cond whose branch updates mirrored variables must run in the cross-replica context (as Keras's
-      # LossScaleOptimizer does); every replica computed the same `finite`.
+      # LossScaleOptimizer does); every replica computed the same `finite`. Without a strategy this is the default
+      # replica context, and the merge call is a plain call.
       def apply(strategy, grads, finite):
         finite = strategy.experimental_local_results(finite)[0]
         update = lambda: strategy.extended.call_for_each_replica(self._opt.apply, args=(grads, variables))
