@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
 import dreamer
+import flags
 import runtime
 import seeds
 import tools
@@ -141,7 +142,8 @@ def spread(values):
 
 
 def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
-  """Measures everything; returns the dict written to benchmark.json."""
+  """Measures everything; returns the dict written to benchmark.json. `make_agent(actspace, config=config)` builds
+  an agent; the CEM step is measured on one built from a changed config."""
   result = collections.OrderedDict()
   gpus = tf.config.list_physical_devices('GPU')
   result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({runtime.describe_cpu()}; '
@@ -213,7 +215,7 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
       _, state = agent.policy(obs, np.array([False]), state, True)
       times.append(time.perf_counter() - start)
     result['policy_step_ms'] = spread(1000 * np.array(times))
-    result['cem_policy_step_ms'] = spread(cem_step_ms(agent, obs))
+    result['cem_policy_step_ms'] = spread(cem_step_ms(config, make_agent, space, obs))
 
 
   # Environment step: the real task through its worker, random actions.
@@ -232,30 +234,20 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
 
 
 # PlaNet's planner settings, at which the CEM policy step is measured (the paper's `planet` baseline).
-PAPER_CEM = dict(horizon=12, candidates=1000, topk=100, iterations=10)
+PAPER_CEM = dict(behavior='cem', cem_horizon=12, cem_candidates=1000, cem_topk=100, cem_iterations=10)
 
 
-def cem_step_ms(agent, obs, repeats=10):
-  """Milliseconds of one agent step of --behavior cem at PAPER_CEM with this agent's networks (the config's sizes):
-  encode one observation, obs_step, plan; as Dreamer._policy runs it for one environment (the exploration noise,
-  a few element-wise ops, left out)."""
-  image = tf.convert_to_tensor(obs['image'])
-
-  @tf.function(autograph=False)
-  def step(image, latent, action):
-    embed = agent._encode(dreamer.preprocess({'image': image}, agent._c))
-    latent, _ = agent._dynamics.obs_step(latent, action, embed)
-    action, _ = agent._plan(latent, **PAPER_CEM)
-    return latent, action
-
-  latent, action = agent._dynamics.initial(1), tf.zeros((1, agent._actdim))
-  for _ in range(2):  # Tracing.
-    latent, action = step(image, latent, action)
+def cem_step_ms(config, make_agent, space, obs, repeats=10):
+  """Milliseconds of one agent step of --behavior cem at PAPER_CEM with networks of the config's sizes: the
+  evaluation policy of a CEM agent (encode one observation, obs_step, plan, exploration) for one environment."""
+  agent = make_agent(space, flags.AttrDict(config, **PAPER_CEM))
+  state, reset = None, np.array([False])
+  for _ in range(2):  # Variables and tracing.
+    _, state = agent.policy(obs, reset, state, False)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    latent, action = step(image, latent, action)
-    action.numpy()
+    _, state = agent.policy(obs, reset, state, False)
     times.append(1000 * (time.perf_counter() - start))
   return np.array(times)
 

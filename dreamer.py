@@ -690,7 +690,7 @@ def main(config):
     return evaluate(config, checkpoint)
   if config.benchmark:
     import benchmark
-    result = benchmark.run(config, lambda actspace: Dreamer(config, actspace, strategy),
+    result = benchmark.run(config, lambda actspace, c=config: Dreamer(c, actspace, strategy),
                            lambda datadir: make_dataset(datadir, config, strategy), make_env, policy, PROCESS_START)
     return benchmark.report(result, config.logdir)
   datadir = config.logdir / 'episodes'
