@@ -4,6 +4,8 @@ config, the command runner, synthetic episodes and the reference's files in test
 Tests marked `e2e` run the real command (`python dreamer.py ...`) on real environments; `pytest -m "not e2e"` runs
 the fast part alone."""
 
+import contextlib
+import io
 import os
 import pathlib
 import re
@@ -49,21 +51,22 @@ def run_dreamer(*args, timeout=600):
                         timeout=timeout)
 
 
-def run_cli(capsys, *args):
+def run_cli(*args):
   """`python dreamer.py ARGS` in this process, as the command runs it (parse, check, main; errors become exit
-  codes): (exit code, stdout, stderr). For runs that stop before training: no process start, no second TensorFlow."""
+  codes): (exit code, stdout, stderr). No process start and no second TensorFlow import: for runs that stop before
+  training and for whole tiny runs alike (also from module fixtures: the output is captured here, not by pytest)."""
   import dreamer
   import flags
-  capsys.readouterr()
+  out, err = io.StringIO(), io.StringIO()
   try:
-    dreamer.cli(flags.parse_and_check(list(args)))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      dreamer.cli(flags.parse_and_check(list(args)))
     code = 0
   except SystemExit as e:
     code = e.code
   finally:
     keras.mixed_precision.set_global_policy('float32')
-  out, err = capsys.readouterr()
-  return code, out, err
+  return code, out.getvalue(), err.getvalue()
 
 
 def start_dreamer(*args):

@@ -447,10 +447,10 @@ def test_impossible_action_settings_stop_before_training(tmp_path, args, flag):
 
 
 @pytest.mark.e2e
-def test_tiny_atari_run_trains_evaluates_and_stores_one_hot_episodes(tmp_path, capsys):
+def test_tiny_atari_run_trains_evaluates_and_stores_one_hot_episodes(tmp_path):
   import json
   import tools
-  code, out, err = run_cli(capsys, '--logdir', str(tmp_path), '--task', 'atari_pong', '--preset', 'debug',
+  code, out, err = run_cli('--logdir', str(tmp_path), '--task', 'atari_pong', '--preset', 'debug',
                            '--steps', '300', '--precision', '32')  # In this process: TensorFlow is imported already.
   assert code == 0, out[-3000:] + err[-3000:]
   files = sorted((tmp_path / 'episodes').glob('*.npz'))

@@ -54,8 +54,8 @@ def test_graph_flops_counts_a_loop_body_once_per_iteration():
 
 
 @pytest.mark.e2e
-def test_benchmark_command_writes_its_json(tmp_path, capsys):
-  code, out, err = run_cli(capsys, '--logdir', str(tmp_path), '--benchmark', 'True', '--preset', 'debug',
+def test_benchmark_command_writes_its_json(tmp_path):
+  code, out, err = run_cli('--logdir', str(tmp_path), '--benchmark', 'True', '--preset', 'debug',
                            '--precision', '32')  # In this process: TensorFlow is imported already.
   assert code == 0, out[-2000:] + err[-2000:]
   data = json.loads((tmp_path / 'benchmark.json').read_text())

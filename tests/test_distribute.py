@@ -207,8 +207,8 @@ def test_batch_that_does_not_split_over_replicas_exits_2(tmp_path):
   assert 'use a multiple of 3' in result.stderr
 
 
-def test_multi_worker_without_tf_config_exits_2(tmp_path, capsys, monkeypatch):
+def test_multi_worker_without_tf_config_exits_2(tmp_path, monkeypatch):
   monkeypatch.delenv('TF_CONFIG', raising=False)
-  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'x'), *TINY, '--distribute', 'multi_worker')
+  code, _, err = run_cli('--logdir', str(tmp_path / 'x'), *TINY, '--distribute', 'multi_worker')
   assert code == 2
   assert 'TF_CONFIG' in err

@@ -3,7 +3,6 @@
 import json
 import pathlib
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -34,9 +33,9 @@ def event_tags(logdir):
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory):
   logdir = tmp_path_factory.mktemp('run') / 'walker'
-  result = run('--logdir', str(logdir), '--steps', '300', *TINY)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return logdir, result
+  code, out, err = run_cli('--logdir', str(logdir), '--steps', '300', *TINY)  # In this process: TF is imported.
+  assert code == 0, out[-3000:] + err[-3000:]
+  return logdir, out
 
 
 @pytest.mark.e2e
@@ -64,7 +63,7 @@ def test_first_run_writes_episodes_in_reference_format(first_run):
 @pytest.mark.e2e
 @pytest.mark.xdist_group('first_run')
 def test_first_run_metrics_and_summaries(first_run):
-  logdir, result = first_run
+  logdir, out = first_run
   metrics = read_metrics(logdir)
   train = [m for m in metrics if 'train/return' in m]
   test = [m for m in metrics if 'test/return' in m]
@@ -81,8 +80,8 @@ def test_first_run_metrics_and_summaries(first_run):
   tags = event_tags(logdir)
   assert {'agent/model_loss', 'sim/train/return', 'sim/test/return', 'sim/episodes'} <= tags, tags
   assert 'agent/openl/gif' in tags and 'sim/test/video/gif' in tags, tags
-  assert 'Progress: step' in result.stdout
-  assert 'Training for 3 steps.' in result.stdout  # The pretraining round.
+  assert 'Progress: step' in out
+  assert 'Training for 3 steps.' in out  # The pretraining round.
   config = json.loads((logdir / 'config.json').read_text())
   assert config['deter_size'] == 16 and config['task'] == 'dmc_walker_walk'
 
@@ -99,12 +98,12 @@ def test_first_run_checkpoint(first_run):
   assert not (logdir / 'variables.pkl.tmp').exists()
 
 
-def test_unknown_task_exits_2_with_the_valid_names(tmp_path, capsys):
-  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'a'), *TINY, '--task', 'dmc_walker_fly')
+def test_unknown_task_exits_2_with_the_valid_names(tmp_path):
+  code, _, err = run_cli('--logdir', str(tmp_path / 'a'), *TINY, '--task', 'dmc_walker_fly')
   assert code == 2, err[-2000:]
   assert 'dmc_walker_walk' in err
   assert not (tmp_path / 'a' / 'config.json').exists()  # A typo does not lock the logdir to the wrong task.
-  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'b'), '--task', 'gym_pong')
+  code, _, err = run_cli('--logdir', str(tmp_path / 'b'), '--task', 'gym_pong')
   assert code == 2 and 'dmc' in err and 'atari' in err
 
 
@@ -120,15 +119,15 @@ def test_bad_flag_value_names_the_flag(tmp_path):
   assert result.returncode == 2 and '--batch_length 50' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_empty_replay_without_prefill_exits_2(tmp_path, capsys):
-  code, _, err = run_cli(capsys, '--logdir', str(tmp_path / 'empty'), '--prefill', '0')
+def test_empty_replay_without_prefill_exits_2(tmp_path):
+  code, _, err = run_cli('--logdir', str(tmp_path / 'empty'), '--prefill', '0')
   assert code == 2 and '--prefill 0' in err
 
 
-def test_unwritable_logdir_fails_before_environments(tmp_path, capsys):
+def test_unwritable_logdir_fails_before_environments(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a folder')
-  code, out, err = run_cli(capsys, '--logdir', str(blocker / 'run'), *TINY)
+  code, out, err = run_cli('--logdir', str(blocker / 'run'), *TINY)
   assert code == 2
   assert '--logdir' in err
   assert 'Prefill' not in out

@@ -87,13 +87,13 @@ def test_replay_cache_is_bounded_and_sampling_stays_uniform(tmp_path, monkeypatc
   assert all(250 < n < 550 for n in per_episode.values()), per_episode  # ~400 each.
 
 
-def test_resume_with_shape_changing_flags_stops(tmp_path, capsys):
+def test_resume_with_shape_changing_flags_stops(tmp_path):
   logdir = tmp_path / 'run'
   logdir.mkdir()
   saved = dict(dreamer.define_config(), logdir=str(logdir), deter_size=16, num_units=16, batch_size=4)
   (logdir / 'config.json').write_text(json.dumps(saved, default=str))
   fake_episodes(logdir / 'episodes', 1)  # The old run stored data under its flags.
-  code, _, err = run_cli(capsys, '--logdir', str(logdir), '--deter_size', '32', '--num_units', '16',
+  code, _, err = run_cli('--logdir', str(logdir), '--deter_size', '32', '--num_units', '16',
                          '--batch_size', '8')
   assert code == 2
   assert '--deter_size was 16, now 32' in err

@@ -2,7 +2,6 @@
 checks, and one tiny end-to-end run per group of variants (train, --eval_only from its checkpoint; one resumes)."""
 
 import json
-import sys
 
 import keras
 import numpy as np
@@ -123,10 +122,10 @@ GROUPS = {  # Two variants per run where they combine, to keep the suite short.
 
 @pytest.mark.e2e
 @pytest.mark.parametrize('group', list(GROUPS))
-def test_variant_trains_resumes_and_evaluates(group, tmp_path, capsys):
+def test_variant_trains_resumes_and_evaluates(group, tmp_path):
   logdir = tmp_path / group
   argv = ['--logdir', str(logdir), *TINY, *GROUPS[group]]
-  code, out, err = run_cli(capsys, *argv)  # In this process: TensorFlow is imported already.
+  code, out, err = run_cli(*argv)  # In this process: TensorFlow is imported already.
   assert code == 0, out[-3000:] + err[-3000:]
   config = flags.AttrDict(json.loads((logdir / 'config.json').read_text()))
   expected = set(dreamer.metric_names(config))
@@ -144,11 +143,11 @@ def test_variant_trains_resumes_and_evaluates(group, tmp_path, capsys):
     # Resume: the same command loads the variant's checkpoint (and adds nothing: its steps are done). Only once,
     # for the variant furthest from the default, as the suite's time matters: the load it does is the agent's
     # load that --eval_only does for every group below, and check_resume is tested in-process above.
-    code, out, err = run_cli(capsys, *argv)
+    code, out, err = run_cli(*argv)
     assert code == 0, out[-3000:] + err[-3000:]
     assert 'Prefill dataset with 0 steps.' in out and 'Load checkpoint' in out
   # The checkpoint loads into the variant's agent and evaluates with its policy (the CEM plan for planet).
-  code, out, err = run_cli(capsys, *argv, '--eval_only', 'True', '--eval_episodes', '1')
+  code, out, err = run_cli(*argv, '--eval_only', 'True', '--eval_episodes', '1')
   assert code == 0, out[-3000:] + err[-3000:]
   evaluation = json.loads((logdir / 'eval.json').read_text())
   assert len(evaluation['returns']) == 1 and evaluation['step'] == int(values[0])
