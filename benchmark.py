@@ -15,7 +15,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
-import dreamer
 import flags
 import runtime
 import seeds
@@ -142,8 +141,8 @@ def spread(values):
 
 
 def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
-  """Measures everything; returns the dict written to benchmark.json. `make_agent(actspace, config=config)` builds
-  an agent; the CEM step is measured on one built from a changed config."""
+  """Measures everything; returns the dict written to benchmark.json. `make_agent(actspace[, config])` builds an
+  agent (of the given config); the CEM step is measured on one built from a changed config."""
   result = collections.OrderedDict()
   gpus = tf.config.list_physical_devices('GPU')
   result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({runtime.describe_cpu()}; '
@@ -239,10 +238,10 @@ PAPER_CEM = dict(behavior='cem', cem_horizon=12, cem_candidates=1000, cem_topk=1
 
 def cem_step_ms(config, make_agent, space, obs, repeats=10):
   """Milliseconds of one agent step of --behavior cem at PAPER_CEM with networks of the config's sizes: the
-  evaluation policy of a CEM agent (encode one observation, obs_step, plan, exploration) for one environment."""
+  evaluation policy of a CEM agent (encode one observation, obs_step, plan) for one environment."""
   agent = make_agent(space, flags.AttrDict(config, **PAPER_CEM))
   state, reset = None, np.array([False])
-  for _ in range(2):  # Variables and tracing.
+  for _ in range(2):  # Tracing.
     _, state = agent.policy(obs, reset, state, False)
   times = []
   for _ in range(repeats):

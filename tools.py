@@ -460,7 +460,8 @@ class Optimizer:
     assert len(loss.shape) == 0, loss.shape
     variables = self.variables
     ctx = tf.distribute.get_replica_context()
-    replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+    assert ctx is not None, 'Optimizer is called in a replica context (inside strategy.run, or without a strategy)'
+    replicas = ctx.num_replicas_in_sync
     with tape:
       scaled = self.scale(loss / replicas if replicas > 1 else loss)
     grads = tape.gradient(scaled, variables)  # This replica's part.

@@ -1,8 +1,8 @@
 """Shared test setup and helpers: import path, the settings users run with, the dtype-policy fixture, the tiny
-config, the command runner, synthetic episodes and the reference's files in tests/data.
+config, the command runners, synthetic episodes and the reference's files in tests/data.
 
-Tests marked `e2e` run the real command (`python dreamer.py ...`) on real environments; `pytest -m "not e2e"` runs
-the fast part alone."""
+Tests marked `e2e` run the command (`python dreamer.py ...`, in a process of its own or, through `run_cli`, in the
+test's) on real environments, or many real train steps; `pytest -m "not e2e"` runs the fast part alone."""
 
 import contextlib
 import io
@@ -64,6 +64,10 @@ def run_cli(*args):
     code = 0
   except SystemExit as e:
     code = e.code
+  except BaseException:  # A crash: show what the run printed with the traceback.
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
+    raise
   finally:
     keras.mixed_precision.set_global_policy('float32')
   return code, out.getvalue(), err.getvalue()

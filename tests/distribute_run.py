@@ -8,7 +8,7 @@ runs as the flags say (e.g. as one worker of a TF_CONFIG cluster). Named runs ar
 process (the process's start, TensorFlow's import, is most of a tiny run's time; the CPU is split into two logical
 devices for all of them): `one` on one device, `mirrored2` under MirroredStrategy over the two CPUs,
 `mirrored1` under MirroredStrategy over the first CPU alone; `-float16` after a name forces mixed_float16 (the GPU
-policy, with loss scaling) on the CPU. The weights of all must agree.
+policy, with loss scaling) on the CPU. The tests compare the runs' weights and metrics.
 """
 
 import os
@@ -29,8 +29,9 @@ import wrappers  # noqa: E402
 STEPS = 3
 
 
-STRATEGIES = dict(  # By the flags a user gives, except mirrored1 (the process has two CPUs).
-    one=lambda config: dreamer.make_strategy(config),
+STRATEGIES = dict(  # By the flags a user gives, except mirrored1: this process has two CPUs, and `--distribute
+    # mirrored` on a machine with one takes the same branch of make_strategy as mirrored2.
+    one=dreamer.make_strategy,
     mirrored2=lambda config: dreamer.make_strategy(
         dreamer.parse_args(['--logdir', str(config.logdir), '--distribute', 'mirrored', '--cpu_devices', '2'])),
     mirrored1=lambda config: tf.distribute.MirroredStrategy(['/cpu:0']))
@@ -50,10 +51,10 @@ def main(outs, init, episodes, argv):
       kind, _, precision = name.partition('-')
       strategy = STRATEGIES[kind](config)
       policy = 'mixed_float16' if precision == 'float16' else dreamer.resolve_precision(config)
-    run(out, pathlib.Path(init), episodes, config, strategy, policy)
+    run(name or out, out, pathlib.Path(init), episodes, config, strategy, policy)
 
 
-def run(out, init, episodes, config, strategy, policy):
+def run(name, out, init, episodes, config, strategy, policy):
   keras.mixed_precision.set_global_policy(policy)
   agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
   if init.exists():
@@ -86,7 +87,7 @@ def run(out, init, episodes, config, strategy, policy):
   np.savez(out, names=np.array(names), replicas=replicas, images=np.stack([np.asarray(i) for i in images]),
            metrics=np.array([[m[k] for k in sorted(m)] for m in metrics]), metric_names=np.array(sorted(metrics[0])),
            **{f'w{i}': w for i, w in enumerate(weights)})
-  print(f'{replicas} replicas: model_loss {[round(m["model_loss"], 4) for m in metrics]}')
+  print(f'{name}: {replicas} replicas: model_loss {[round(m["model_loss"], 4) for m in metrics]}')
 
 
 if __name__ == '__main__':

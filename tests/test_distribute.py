@@ -54,8 +54,12 @@ def launch_runs(directory, episodes, runs, *flags, env=None):
   output = finish(launch(spec, directory / 'init.pkl', episodes, *flags, env=env))
   results = {name: np.load(directory / f'{name}.npz') for name in runs}
   for name, result in results.items():
-    assert f'{int(result["replicas"])} replicas' in output, name
+    replicas = REPLICAS[name.partition('-')[0]]
+    assert int(result['replicas']) == replicas and f'{name}: {replicas} replicas' in output, (name, output[-3000:])
   return results
+
+
+REPLICAS = dict(one=1, mirrored2=2, mirrored1=1)  # Of each named run (tests/distribute_run.py).
 
 
 @pytest.fixture(scope='module')
@@ -202,7 +206,7 @@ def test_training_run_with_mirrored_strategy(tmp_path):
 
 def test_batch_that_does_not_split_over_replicas_exits_2(tmp_path):
   result = run('--logdir', str(tmp_path / 'x'), *TINY, '--distribute', 'mirrored', '--cpu_devices', '3')
-  assert result.returncode == 2
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]  # The real command.
   assert '--batch_size 4 does not split evenly over the 3 replicas' in result.stderr
   assert 'use a multiple of 3' in result.stderr
 

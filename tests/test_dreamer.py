@@ -1,4 +1,5 @@
-"""End to end: the real command on a real dmc task with tiny sizes, its files, resuming, and bad input."""
+"""End to end: the command (in the test process, or its own where it must start without TensorFlow) on a real dmc
+task with tiny sizes, its files, resuming, and bad input."""
 
 import json
 import pathlib

@@ -132,19 +132,18 @@ def wait_for(process, text, occurrence=1, timeout=300):
 def test_killed_and_stopped_at_each_point_the_run_resumes(tmp_path):
   """One run of 300 steps, stopped at deterministic points and restarted each time with the same command: kill -9
   while prefilling (an episode was just saved) and once the prefill is done (no checkpoint yet; nothing is written
-  between then and the pretraining round's first log, so this is the state a kill as pretraining starts leaves, and
-  the process has not paid for the build step yet); SIGTERM
-  once collection starts (no checkpoint yet: the signal saves one and exits 130); kill -9 at the second evaluation
-  (the restart loaded the SIGTERM checkpoint, and the loop has saved its own since); then a restart that loads it and
-  finishes without a prefill or a second pretraining round, its step count continuing from the episodes on disk.
-  Every file left behind loads after each stop."""
+  between then and the pretraining round's first log, so this is the state a kill as pretraining starts leaves,
+  without this process paying for the build step); SIGTERM once collection starts (the restart did not load a
+  checkpoint and pretrained; the signal saves one and exits 130); kill -9 at the second evaluation (the restart
+  loaded the SIGTERM checkpoint, and the loop has saved its own since); then a restart that loads it and finishes
+  without a prefill or a second pretraining round, its step count continuing from the episodes on disk. Every file
+  left behind loads after each stop."""
   logdir, steps = tmp_path / 'run', 300
   for text, occurrence in (('Train episode of length', 1), ('Simulating agent for', 1)):
     process = start(logdir, steps)
     lines = wait_for(process, text, occurrence)
     process.kill()
     process.wait()
-    assert not any('Load checkpoint' in line for line in lines), ''.join(lines)
     check_logdir(logdir)
     assert not (logdir / 'variables.pkl').exists()
   episodes_before = tools.count_episodes(logdir / 'episodes')
@@ -152,6 +151,8 @@ def test_killed_and_stopped_at_each_point_the_run_resumes(tmp_path):
 
   process = start(logdir, steps)
   lines = wait_for(process, 'Start collection.')
+  assert not any('Load checkpoint' in line for line in lines), ''.join(lines)
+  assert any('Training for 3 steps.' in line for line in lines), ''.join(lines)  # The pretraining round.
   assert not (logdir / 'variables.pkl').exists()
   process.send_signal(signal.SIGTERM)
   out, _ = process.communicate(timeout=120)
