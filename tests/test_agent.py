@@ -184,6 +184,23 @@ def test_reset_zeroes_the_state_of_exactly_the_reset_environments(reset):
       assert np.abs(got - other[key].numpy()[0]).max() > 1e-3, (index, key)  # Resetting makes a difference.
 
 
+
+def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_function():
+  # policy() calls the traced graph directly (no tf.function dispatch); it must be the function's own graph.
+  agent = make_agent('--eval_noise', '0.0')
+  state = None
+  for seed in range(3):
+    obs, before = images(2, seed), state
+    _, state = agent.policy(obs, np.array([seed == 0, False]), state, False)
+  assert agent._policy.experimental_get_tracing_count() == 1  # The first state (zeros) and later ones share it.
+  _, (direct, _) = agent._policy(tf.constant(obs['image']), tf.constant([False, False]), before, False,
+                                 tf.constant(0.0))
+  for key in ('deter', 'mean', 'std'):  # The deterministic parts (the posterior sample differs).
+    np.testing.assert_array_equal(state[0][key].numpy(), direct[key].numpy(), err_msg=key)
+  agent.policy(images(3), np.ones(3, bool), None, False)  # Another batch size: its own graph.
+  agent.policy(images(2), np.ones(2, bool), None, True)  # Training mode: its own graph.
+  assert agent._policy.experimental_get_tracing_count() == 3
+
 # Reward clipping ----------------------------------------------------------------------------------------------------
 
 def test_preprocess_applies_tanh_to_the_reward_only():
