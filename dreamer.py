@@ -101,6 +101,7 @@ class Dreamer:
     """Builds every variable with a forward pass on zeros (no train step: the loop makes the reference's first
     update on a real batch). `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's
     batch over its replicas; None trains on the default device."""
+    one_device = strategy is None or strategy is tf.distribute.get_strategy()  # The default (no) strategy.
     self._strategy = strategy or tf.distribute.get_strategy()
     self._replicas = self._strategy.num_replicas_in_sync
     check_replicas(config, self._replicas)
@@ -113,6 +114,11 @@ class Dreamer:
       self._float = keras.mixed_precision.global_policy().compute_dtype
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
       self._build_model()
+      # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 on CPUs (docs/speed.md);
+      # not measured for float16/bfloat16 or for CEM's planning, which keep the plain graph; under a distribution
+      # strategy XLA cannot read the replicas' variables on other devices.
+      jit = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor' and one_device)
+      self._policy = tf.function(self._policy, autograph=False, jit_compile=jit)
 
   def policy(self, obs, reset, state, training, step=0):
     """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state. `step`
@@ -131,8 +137,7 @@ class Dreamer:
     action, state = run(*args)
     return action.numpy(), state
 
-  @tf.function(autograph=False)  # Plain Python control flow on config only; autograph would cost seconds.
-  def _policy(self, image, reset, state, training, amount):
+  def _policy(self, image, reset, state, training, amount):  # A tf.function once built (see __init__).
     latent, action = state
     mask = 1.0 - tf.cast(reset, tf.float32)[:, None]
     latent = {k: v * tf.cast(mask, v.dtype) for k, v in latent.items()}
