@@ -101,8 +101,8 @@ class Dreamer:
     """Builds every variable with a forward pass on zeros (no train step: the loop makes the reference's first
     update on a real batch). `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's
     batch over its replicas; None trains on the default device."""
-    one_device = strategy is None or strategy is tf.distribute.get_strategy()  # The default (no) strategy.
-    self._strategy = strategy or tf.distribute.get_strategy()
+    default = tf.distribute.get_strategy()  # No strategy: one device.
+    self._strategy = strategy or default
     self._replicas = self._strategy.num_replicas_in_sync
     check_replicas(config, self._replicas)
     with self._strategy.scope():
@@ -116,8 +116,10 @@ class Dreamer:
       self._build_model()
       # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 on CPUs (docs/speed.md);
       # not measured for float16/bfloat16 or for CEM's planning, which keep the plain graph; under a distribution
-      # strategy XLA cannot read the replicas' variables on other devices.
-      jit = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor' and one_device)
+      # strategy XLA cannot read the replicas' variables on other devices. No autograph: the Python control flow is
+      # on the config only, and autograph would cost seconds.
+      jit = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor'
+                 and self._strategy is default)
       self._policy = tf.function(self._policy, autograph=False, jit_compile=jit)
 
   def policy(self, obs, reset, state, training, step=0):

@@ -184,7 +184,6 @@ def test_reset_zeroes_the_state_of_exactly_the_reset_environments(reset):
       assert np.abs(got - other[key].numpy()[0]).max() > 1e-3, (index, key)  # Resetting makes a difference.
 
 
-
 def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_function():
   # policy() calls the traced graph directly (no tf.function dispatch); it must be the function's own graph.
   agent = make_agent('--eval_noise', '0.0')
@@ -209,6 +208,7 @@ def test_policy_is_compiled_with_xla_for_the_float32_actor_only(argv, jit):
   assert agent._policy._jit_compile == jit
   action, _ = agent.policy(images(2), np.ones(2, bool), None, True)
   assert action.shape == (2, 3) and np.all(np.abs(action) <= 1)
+
 
 # Reward clipping ----------------------------------------------------------------------------------------------------
 
