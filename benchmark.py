@@ -203,17 +203,17 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
     compute = tf.bfloat16 if 'bfloat16' in policy_name else tf.float16 if 'float16' in policy_name else tf.float32
     result['peak_gflops'] = peak_gflops(compute)
 
-    # Policy step: one observation, the training policy (sample + exploration), as in collection.
+    # Policy step: one observation, the training policy (sample + exploration), as in collection. The machine's
+    # speed drifts within minutes, so the policy graph the flags choose is timed in turns with the other one (XLA
+    # or the plain graph) where both exist: their comparison holds even when the absolute figures move.
     obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
-    state = None
-    for _ in range(10):
-      _, state = agent.policy(obs, np.array([False]), state, True)
-    times = []
-    for _ in range(200):
-      start = time.perf_counter()
-      _, state = agent.policy(obs, np.array([False]), state, True)
-      times.append(time.perf_counter() - start)
-    result['policy_step_ms'] = spread(1000 * np.array(times))
+    result['policy_xla'] = agent.policy_xla
+    other = make_agent(space, flags.AttrDict(config, jit_policy=not config.jit_policy))
+    agents = [agent] + ([other] if other.policy_xla != agent.policy_xla else [])
+    times = policy_step_ms(agents, obs)
+    result['policy_step_ms'] = spread(times[0])
+    if len(agents) == 2:
+      result['policy_step_ms_' + ('plain_graph' if agent.policy_xla else 'xla')] = spread(times[1])
     result['cem_policy_step_ms'] = spread(cem_step_ms(config, make_agent, space, obs))
 
 
@@ -230,6 +230,23 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
   result['env_step_ms'] = spread(1000 * np.array(times[10:]))
   return result
 
+
+
+def policy_step_ms(agents, obs, blocks=20, block=10):
+  """Milliseconds of each agent's training policy step on `obs` (one environment), the agents called in turns of
+  `block` steps after 10 warm-up steps each (tracing, compiling); one array per agent."""
+  states, reset = [None] * len(agents), np.array([False])
+  times = [[] for _ in agents]
+  for i, agent in enumerate(agents):
+    for _ in range(10):
+      _, states[i] = agent.policy(obs, reset, states[i], True)
+  for _ in range(blocks):
+    for i, agent in enumerate(agents):
+      for _ in range(block):
+        start = time.perf_counter()
+        _, states[i] = agent.policy(obs, reset, states[i], True)
+        times[i].append(1000 * (time.perf_counter() - start))
+  return [np.array(t) for t in times]
 
 
 # PlaNet's planner settings, at which the CEM policy step is measured (the paper's `planet` baseline).

@@ -118,9 +118,9 @@ class Dreamer:
       # not measured for float16/bfloat16 or for CEM's planning, which keep the plain graph; under a distribution
       # strategy XLA cannot read the replicas' variables on other devices. No autograph: the Python control flow is
       # on the config only, and autograph would cost seconds.
-      jit = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor'
-                 and self._strategy is default)
-      self._policy = tf.function(self._policy, autograph=False, jit_compile=jit)
+      self.policy_xla = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor'
+                             and self._strategy is default)
+      self._policy = tf.function(self._policy, autograph=False, jit_compile=self.policy_xla)
 
   def policy(self, obs, reset, state, training, step=0):
     """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state. `step`

@@ -205,7 +205,7 @@ def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_functio
                                        (['--behavior', 'cem', '--cem_candidates', '8', '--cem_topk', '2'], False)])
 def test_policy_is_compiled_with_xla_for_the_float32_actor_only(argv, jit):
   agent = make_agent(*argv)
-  assert agent._policy._jit_compile == jit
+  assert agent.policy_xla == jit and agent._policy._jit_compile == jit
   action, _ = agent.policy(images(2), np.ones(2, bool), None, True)
   assert action.shape == (2, 3) and np.all(np.abs(action) <= 1)
 

@@ -71,6 +71,9 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1
   assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])
   assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
+  # The float32 actor's policy is XLA-compiled by default; the plain graph is timed in turns beside it.
+  assert data['policy_xla'] is True and data['policy_step_ms']['n'] == 200
+  assert data['policy_step_ms_plain_graph']['n'] == 200 and 'policy_step_ms_xla' not in data
   # PlaNet's planner (1000 candidates x 12 steps x 10 iterations) per agent step costs more than the actor's.
   assert data['cem_policy_step_ms']['n'] == 10
   assert data['policy_step_ms']['median'] < data['cem_policy_step_ms']['median'] < 60000
