@@ -195,7 +195,7 @@ def run_train_step(directory):
   index = {id(var): k for k, (_, var) in enumerate(table)}
   before = [np.array(var.numpy()) for _, var in table]
   batch = {k: tf.constant(refs[f'in/batch_{k}']) for k in ('image', 'action', 'reward', 'discount')}
-  result = agent.train_probe(dreamer.preprocess(batch, config))
+  result = agent.train_probe(batch)
   out = {}
   for name, value in result.items():
     if name.startswith('grad/'):

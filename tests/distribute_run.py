@@ -67,10 +67,11 @@ def run(name, out, init, episodes, config, strategy, policy):
   for _ in range(STEPS):
     rows = [next(stream) for _ in range(config.batch_size)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if os.environ.get('NAN_STEP') == str(len(batches)):
+    if os.environ.get('NAN_STEP'):  # Every batch's images as raw float32 (0-255): one trace for all of them.
       batch['image'] = batch['image'].astype(np.float32)
+    if os.environ.get('NAN_STEP') == str(len(batches)):
       batch['image'][config.batch_size // 2:] = np.nan
-    batches.append(dreamer.preprocess({k: tf.constant(v) for k, v in batch.items()}, config))
+    batches.append({k: tf.constant(v) for k, v in batch.items()})
   replicas = strategy.num_replicas_in_sync
   per = config.batch_size // replicas
   metrics = []

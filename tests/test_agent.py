@@ -231,7 +231,7 @@ def test_preprocess_applies_tanh_to_the_reward_only():
 
 
 @pytest.mark.parametrize('clip', ['tanh', 'none'])
-def test_dataset_rewards_are_clipped(tmp_path, clip):
+def test_dataset_windows_are_raw_and_preprocess_clips_their_rewards(tmp_path, clip):
   rng = np.random.RandomState(0)
   length = 40
   episode = dict(image=rng.randint(0, 256, (length, 64, 64, 3)).astype(np.uint8),
@@ -239,7 +239,9 @@ def test_dataset_rewards_are_clipped(tmp_path, clip):
                  reward=rng.normal(0, 3, length).astype(np.float16), discount=np.ones(length, np.float16))
   tools.save_episodes(tmp_path, [episode])
   config = dreamer.parse_args(['--preset', 'debug', '--clip_rewards', clip, '--logdir', str(tmp_path)])
-  data = next(iter(dreamer.load_dataset(tmp_path, config)))
+  raw = next(iter(dreamer.load_dataset(tmp_path, config)))
+  assert raw['image'].dtype == tf.uint8  # The pipeline keeps the stored values; the train step preprocesses.
+  data = dreamer.preprocess(raw, config)
   B, T = config.batch_size, config.batch_length
   assert data['reward'].shape == (B, T) and data['reward'].dtype == tf.float32
   clipped = np.tanh if clip == 'tanh' else lambda x: x

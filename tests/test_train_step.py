@@ -149,7 +149,6 @@ def test_the_training_graph_is_noise_free_only_when_asked():
   config = compare.load_config(data)
   agent = compare.build_agent(config, refs['in/batch_action'].shape[-1], checkpoint)
   batch = {k: tf.constant(refs[f'in/batch_{k}']) for k in ('image', 'action', 'reward', 'discount')}
-  batch = dreamer.preprocess(batch, config)
   metrics = agent.train(batch, tools.ZERO_NOISE)
   for name in ('model_loss', 'actor_loss', 'value_loss'):
     np.testing.assert_allclose(float(metrics[name]), refs[f'out/metrics/{name}'], rtol=1e-5, atol=1e-6)
