@@ -22,6 +22,15 @@ def get_act(name):
   return ACTS[name]
 
 
+class _Composite(keras.layers.Layer):
+  """A layer whose weights all live in sublayers, which build themselves on their first call."""
+
+  def build(self, input_shape):
+    # Without a build of its own, Keras 3 builds such a layer by first tracing its whole call on symbolic inputs:
+    # 0.9 s of the agent's construction at the paper's size, for nothing the eager first call does not do anyway.
+    del input_shape
+
+
 class RSSM(keras.layers.Layer):
   """Recurrent state-space model. A state is dict(mean, std, stoch, deter): mean, std, stoch float32 [B, stoch],
   deter in the compute dtype [B, deter]."""
@@ -122,7 +131,7 @@ class GRUCell(keras.layers.GRUCell):
     return h, [h]
 
 
-class ConvEncoder(keras.layers.Layer):
+class ConvEncoder(_Composite):
 
   def __init__(self, depth=32, act='relu', **kwargs):
     super().__init__(**kwargs)
@@ -142,7 +151,7 @@ class ConvEncoder(keras.layers.Layer):
     return tf.reshape(x, shape)
 
 
-class ConvDecoder(keras.layers.Layer):
+class ConvDecoder(_Composite):
 
   def __init__(self, depth=32, act='relu', shape=(64, 64, 3), **kwargs):
     super().__init__(**kwargs)
@@ -178,7 +187,7 @@ class ConvDecoder(keras.layers.Layer):
     return layer.activation(x)
 
 
-class _MLP(keras.layers.Layer):
+class _MLP(_Composite):
   """`layers` x Dense(units, act) named h0, h1, ..., then Dense(out) named hout, as the reference names them."""
 
   def __init__(self, layers, units, out, act, **kwargs):
