@@ -208,8 +208,9 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
     # or the plain graph) where both exist: their comparison holds even when the absolute figures move.
     obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
     result['policy_xla'] = agent.policy_xla
-    other = make_agent(space, flags.AttrDict(config, jit_policy=not config.jit_policy))
-    agents = [agent] + ([other] if other.policy_xla != agent.policy_xla else [])
+    agents = [agent]
+    if agent.policy_xla_possible:  # Else both graphs would be the plain one.
+      agents.append(make_agent(space, flags.AttrDict(config, jit_policy=not config.jit_policy)))
     times = policy_step_ms(agents, obs)
     result['policy_step_ms'] = spread(times[0])
     if len(agents) == 2:

@@ -118,8 +118,9 @@ class Dreamer:
       # not measured for float16/bfloat16 or for CEM's planning, which keep the plain graph; under a distribution
       # strategy XLA cannot read the replicas' variables on other devices. No autograph: the Python control flow is
       # on the config only, and autograph would cost seconds.
-      self.policy_xla = bool(config.jit_policy and self._float == 'float32' and config.behavior == 'actor'
-                             and self._strategy is default)
+      self.policy_xla_possible = (self._float == 'float32' and config.behavior == 'actor'
+                                  and self._strategy is default)
+      self.policy_xla = bool(config.jit_policy and self.policy_xla_possible)
       self._policy = tf.function(self._policy, autograph=False, jit_compile=self.policy_xla)
 
   def policy(self, obs, reset, state, training, step=0):
@@ -454,11 +455,11 @@ class Dreamer:
     n = min(6, self._c.batch_size)
     data = preprocess({k: v[:n] for k, v in data.items()}, self._c)  # A raw batch, as train takes.
     embed = self._encode({'image': data['image']})
-    post, _ = self._dynamics.observe(embed, data['action'][:n])
-    truth = data['image'][:n] + 0.5
+    post, _ = self._dynamics.observe(embed, data['action'])
+    truth = data['image'] + 0.5
     recon = self._decode(self._dynamics.get_feat(post)).mode()
     init = {k: v[:, 4] for k, v in post.items()}
-    prior = self._dynamics.imagine(data['action'][:n, 5:], init)
+    prior = self._dynamics.imagine(data['action'][:, 5:], init)
     openl = self._decode(self._dynamics.get_feat(prior)).mode()
     model = tf.concat([recon[:, :5] + 0.5, openl + 0.5], 1)
     error = (model - truth + 1) / 2

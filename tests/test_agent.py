@@ -206,6 +206,7 @@ def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_functio
 def test_policy_is_compiled_with_xla_for_the_float32_actor_only(argv, jit):
   agent = make_agent(*argv)
   assert agent.policy_xla == jit and agent._policy._jit_compile == jit
+  assert agent.policy_xla_possible == ('cem' not in argv)  # float32 on one device: only CEM rules it out here.
   action, _ = agent.policy(images(2), np.ones(2, bool), None, True)
   assert action.shape == (2, 3) and np.all(np.abs(action) <= 1)
 

@@ -40,10 +40,11 @@ def datadir(tmp_path_factory):
   return directory
 
 
-def imagined_return(agent, data):
+def imagined_return(agent, data, config):
   """The actor's objective under the agent's current weights, with fixed noise: mean discounted lambda-return of
-  imagined trajectories from every posterior state of `data`."""
+  imagined trajectories from every posterior state of `data` (a raw batch, as the dataset yields it)."""
   seed = tf.constant([123, 4], tf.int64)
+  data = dreamer.preprocess(data, config)
   post, _ = agent._dynamics.observe(agent._encode(data), data['action'], seed=seed)
   imag = agent._behavior(post, seed)
   return float(tf.reduce_mean(imag['weights'] * imag['returns']))
@@ -70,11 +71,11 @@ def test_world_model_loss_falls_and_actor_improves(datadir, tmp_path, seed):
     # Traced once per shape: the reference retraced its policy and leaked memory (its issue #19).
     assert agent._train_graph.experimental_get_tracing_count() == 1
     # The trained actor against its initial weights, both under the trained world model and value.
-    trained = imagined_return(agent, data)
+    trained = imagined_return(agent, data, config)
     for var, value in zip(agent._actor.weights, initial_actor):
       var.assign(value)
-    initial = imagined_return(agent, data)
-    image = (np.asarray(data['image'][:2, 0]) * 255 + 127.5).astype(np.uint8)
+    initial = imagined_return(agent, data, config)
+    image = np.asarray(data['image'][:2, 0])  # uint8, as the environment gives it.
     state = None
     for step in range(6):
       action, state = agent.policy({'image': image}, np.array([step % 3 == 0, False]), state, True)
