@@ -233,19 +233,20 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
 
 
 
-def policy_step_ms(agents, obs, blocks=20, block=10):
-  """Milliseconds of each agent's training policy step on `obs` (one environment), the agents called in turns of
-  `block` steps after 10 warm-up steps each (tracing, compiling); one array per agent."""
+def policy_step_ms(agents, obs, blocks=20, block=10, warmup=10, training=True):
+  """Milliseconds of each agent's policy step on `obs` (one environment; the training policy unless `training` is
+  False), the agents called in turns of `block` steps after `warmup` steps each (tracing, compiling); one array per
+  agent."""
   states, reset = [None] * len(agents), np.array([False])
   times = [[] for _ in agents]
   for i, agent in enumerate(agents):
-    for _ in range(10):
-      _, states[i] = agent.policy(obs, reset, states[i], True)
+    for _ in range(warmup):
+      _, states[i] = agent.policy(obs, reset, states[i], training)
   for _ in range(blocks):
     for i, agent in enumerate(agents):
       for _ in range(block):
         start = time.perf_counter()
-        _, states[i] = agent.policy(obs, reset, states[i], True)
+        _, states[i] = agent.policy(obs, reset, states[i], training)
         times[i].append(1000 * (time.perf_counter() - start))
   return [np.array(t) for t in times]
 
@@ -258,15 +259,7 @@ def cem_step_ms(config, make_agent, space, obs, repeats=10):
   """Milliseconds of one agent step of --behavior cem at PAPER_CEM with networks of the config's sizes: the
   evaluation policy of a CEM agent (encode one observation, obs_step, plan) for one environment."""
   agent = make_agent(space, flags.AttrDict(config, **PAPER_CEM))
-  state, reset = None, np.array([False])
-  for _ in range(2):  # Tracing.
-    _, state = agent.policy(obs, reset, state, False)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    _, state = agent.policy(obs, reset, state, False)
-    times.append(1000 * (time.perf_counter() - start))
-  return np.array(times)
+  return policy_step_ms([agent], obs, blocks=1, block=repeats, warmup=2, training=False)[0]
 
 
 def _cores():

@@ -64,12 +64,13 @@ def run(name, out, init, episodes, config, strategy, policy):
   # The same global batches for every run: the first windows of the episodes, in order.
   batches = []
   stream = tools.load_episodes(pathlib.Path(episodes), 1, config.batch_length, seed=0)
+  nan_step = os.environ.get('NAN_STEP')
   for _ in range(STEPS):
     rows = [next(stream) for _ in range(config.batch_size)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if os.environ.get('NAN_STEP'):  # Every batch's images as raw float32 (0-255): one trace for all of them.
+    if nan_step:  # Every batch's images as raw float32 (0-255): one trace for all of them.
       batch['image'] = batch['image'].astype(np.float32)
-    if os.environ.get('NAN_STEP') == str(len(batches)):
+    if nan_step == str(len(batches)):
       batch['image'][config.batch_size // 2:] = np.nan
     batches.append({k: tf.constant(v) for k, v in batch.items()})
   replicas = strategy.num_replicas_in_sync
