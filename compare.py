@@ -131,8 +131,8 @@ def max_diff(actual, expected, scale):
   return float(diff.max(initial=0))
 
 
-def compare_forward(directory):
-  """Rows for every out/* array of the directory's refs.npz."""
+def run_forward(directory):
+  """(refs, outputs): the folder's refs.npz and the port's outputs of its checkpoint on the same inputs."""
   for name in ('variables.pkl', 'config.json'):
     if not (directory / name).exists():
       raise tools.CheckpointError(f'{directory} has no {name}; a forward-output folder needs variables.pkl, '
@@ -141,13 +141,22 @@ def compare_forward(directory):
   config = load_config(json.loads((directory / 'config.json').read_text()))
   config.logdir = directory
   agent = build_agent(config, refs['in/prev_action'].shape[-1], directory / 'variables.pkl')
-  ours = compute_outputs(agent, config, refs)
+  return refs, compute_outputs(agent, config, refs)
+
+
+def forward_rows(refs, ours):
+  """Rows comparing the port's forward outputs (see run_forward) with every out/* array of the reference's."""
   rows = []
   for name in sorted(k for k in refs if k.startswith('out/')):
     expected = refs[name].astype(np.float64)
     diff = max_diff(ours.get(name), expected, np.maximum(1.0, np.abs(expected)))
     rows.append(Row(name, diff, TOLERANCE, diff <= TOLERANCE, 'abs/max(1,|ref|)'))
   return rows
+
+
+def compare_forward(directory):
+  """Rows for every out/* array of the directory's refs.npz."""
+  return forward_rows(*run_forward(directory))
 
 
 # Train-step tolerances, from ../shared/reference/train_step/README.md (15-25x the reference's own spread between

@@ -43,12 +43,17 @@ from loop import NonFiniteError
 
 def resolve_precision(config):
   """The dtype policy for --precision. 16 means mixed_float16 on a GPU (with loss scaling); on a CPU float16 is
-  slow, so 16 means mixed_bfloat16 where the processor has bfloat16 instructions and float32 otherwise."""
+  slow, so 16 means mixed_bfloat16 where the processor has bfloat16 instructions and float32 otherwise (or as
+  DREAMER_CPU_BF16 says)."""
   if config.precision == 32:
     return 'float32'
   if tf.config.list_physical_devices('GPU'):
     return 'mixed_float16'
-  return 'mixed_bfloat16' if runtime.cpu_has_bf16() else 'float32'
+  try:
+    bf16 = runtime.cpu_has_bf16()  # DREAMER_CPU_BF16 can choose as another kind of CPU would (runtime.py).
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return 'mixed_bfloat16' if bf16 else 'float32'
 
 
 # The agent ----------------------------------------------------------------------------------------------------------

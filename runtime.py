@@ -9,6 +9,10 @@
   itself this changes nothing. oneDNN sums in another order: results move by float rounding only (the original
   code's own outputs moved by at most 4e-7 relative between the two settings).
 Each default yields to a value the user set in the environment.
+
+DREAMER_CPU_BF16=1 (or 0) makes `--precision 16` on a CPU resolve as on a CPU with (or without) bfloat16
+instructions, whatever this one has: mixed_bfloat16 (TensorFlow emulates it where the CPU lacks it: slow, but the
+same rounding) or float32. The tests honour it, so that the suite runs as each kind of CPU would run it.
 """
 
 import os
@@ -81,7 +85,21 @@ def cpu_model():
   return platform.processor() or platform.machine()
 
 
+# The instructions with which TensorFlow 2.21 turns its oneDNN kernels on by itself (tensorflow/core/util/util.cc,
+# IsMKLEnabled: AVX-512 VNNI or BF16, AVX-VNNI, or AMX).
+ONEDNN_BY_DEFAULT = {'avx512_vnni', 'avx512_bf16', 'avx_vnni', 'amx_tile', 'amx_int8', 'amx_bf16'}
+BF16_ENV = 'DREAMER_CPU_BF16'
+
+
 def cpu_has_bf16():
+  """Whether `--precision 16` on this CPU runs mixed_bfloat16: the CPU's bfloat16 instructions (AVX512-BF16 or
+  AMX), unless DREAMER_CPU_BF16 is 1 or 0."""
+  forced = os.environ.get(BF16_ENV)
+  if forced in ('0', '1'):
+    return forced == '1'
+  if forced:
+    raise ValueError(f'{BF16_ENV}={forced!r}: use 1 (run --precision 16 as a bfloat16 CPU does), 0 (as a CPU '
+                     'without bfloat16 does) or leave it unset.')
   return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
 
 
@@ -95,15 +113,20 @@ def onednn_enabled():
 
 
 def describe_cpu():
-  """E.g. 'AMD EPYC (AVX2, no AVX-512), oneDNN on (set by this port; TensorFlow leaves it off on this CPU)'."""
+  """E.g. 'AMD EPYC (AVX2, no AVX-512), oneDNN on (set by this port; TensorFlow leaves it off on CPUs without ...)'."""
   flags = cpu_flags()
   isa = 'AVX-512' + (' with BF16' if 'avx512_bf16' in flags else '') if 'avx512f' in flags else (
       'AVX2, no AVX-512' if 'avx2' in flags else 'no AVX2')
   if flags & {'amx_tile', 'amx_bf16'}:
     isa += ', AMX'
   state = {True: 'on', False: 'off', None: 'unknown'}[onednn_enabled()]
+  port = ("TensorFlow's default on this CPU" if flags & ONEDNN_BY_DEFAULT else
+          'set by this port; TensorFlow leaves it off on CPUs without AVX-512 VNNI/BF16, AVX-VNNI or AMX')
   source = {
       'user': f'TF_ENABLE_ONEDNN_OPTS={os.environ.get("TF_ENABLE_ONEDNN_OPTS")} set by you',
-      'port': 'set by this port; TensorFlow turns it on by itself only with AVX-512 or AMX',
+      'port': port,
       None: "TensorFlow's default"}[onednn_source]
-  return f'{cpu_model()} ({isa}), oneDNN {state} ({source})'
+  text = f'{cpu_model()} ({isa}), oneDNN {state} ({source})'
+  if os.environ.get(BF16_ENV) in ('0', '1'):
+    text += f'; {BF16_ENV}={os.environ[BF16_ENV]} set by you'
+  return text

@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:
 import runtime  # noqa: E402
 
 runtime.configure()  # Before TensorFlow is imported anywhere: the settings users run with (runtime.py).
+# As dreamer.py imports it: TensorFlow's C++ start-up lines held back (they would otherwise show after pytest's
+# summary, written by every test process).
+runtime.import_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

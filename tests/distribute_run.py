@@ -18,9 +18,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runtime  # noqa: E402
+
+runtime.configure()  # Before TensorFlow is imported: the settings users run with (runtime.py).
+tf = runtime.import_tensorflow()
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402

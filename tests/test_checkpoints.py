@@ -27,12 +27,40 @@ def reference_dirs():
   return dirs
 
 
+@pytest.fixture(scope='module')
+def forward_outputs():
+  """The port's forward outputs per reference folder (compare.run_forward), computed once for this module."""
+  cache = {}
+  def run(directory):
+    if directory not in cache:
+      cache[directory] = compare.run_forward(directory)
+    return cache[directory]
+  return run
+
+
+@pytest.mark.xdist_group('forward_outputs')
 @pytest.mark.parametrize('directory', reference_dirs(), ids=lambda p: p.name)
-def test_reference_outputs_reproduced(directory):
-  rows = compare.compare(directory, verbose=False)
+def test_reference_outputs_reproduced(directory, forward_outputs):
+  rows = compare.forward_rows(*forward_outputs(directory))
+  assert len(rows) == sum(k.startswith('out/') for k in np.load(directory / 'refs.npz').files), rows
   assert rows, 'refs.npz has no out/* arrays'
-  failed = [row for row in rows if not row[-1]]
+  failed = [row for row in rows if not row.ok]
   assert not failed, failed
+
+
+@pytest.mark.xdist_group('forward_outputs')
+def test_a_departing_forward_output_fails_and_is_named(forward_outputs):
+  """The comparison fails on a reference moved by 1e-3 (absolute for values within 1, relative above), and on an
+  output the port does not compute; every other output still passes."""
+  refs, ours = forward_outputs(WALKER)
+  refs = dict(refs)
+  refs['out/embed'] = refs['out/embed'] + 1e-3
+  large = refs['out/decoder_logprob_of_images']
+  assert np.abs(large).min() > 100  # Compared relative to its size.
+  refs['out/decoder_logprob_of_images'] = large * (1 + 1e-4)
+  ours = {k: v for k, v in ours.items() if k != 'out/reward_mode'}
+  failed = [row.name for row in compare.forward_rows(refs, ours) if not row.ok]
+  assert failed == ['out/decoder_logprob_of_images', 'out/embed', 'out/reward_mode'], failed
 
 
 CASES = {

@@ -5,6 +5,8 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
 import runtime
 from conftest import ROOT
 
@@ -45,3 +47,36 @@ def test_cpu_flags_are_read():
     assert 'sse2' in flags, flags
     assert runtime.cpu_has_bf16() == ('avx512_bf16' in flags or 'amx_bf16' in flags)
     assert ('(AVX-512' in runtime.describe_cpu()) == ('avx512f' in flags)
+
+
+def test_dreamer_cpu_bf16_chooses_the_cpu_precision_as_another_kind_of_cpu(monkeypatch):
+  import dreamer
+  import flags
+  config = dreamer.parse_args(['--precision', '16'])
+  if dreamer.tf.config.list_physical_devices('GPU'):
+    pytest.skip('on a GPU --precision 16 is mixed_float16 whatever the CPU has')
+  for value, policy in (('1', 'mixed_bfloat16'), ('0', 'float32')):
+    monkeypatch.setenv(runtime.BF16_ENV, value)
+    assert runtime.cpu_has_bf16() == (value == '1')
+    assert dreamer.resolve_precision(config) == policy
+    assert dreamer.resolve_precision(dreamer.parse_args(['--precision', '32'])) == 'float32'
+    assert f'{runtime.BF16_ENV}={value} set by you' in runtime.describe_cpu()
+  monkeypatch.setenv(runtime.BF16_ENV, 'yes')
+  with pytest.raises(flags.UserError, match=r"DREAMER_CPU_BF16='yes': use 1 .* 0 .* or leave it unset"):
+    dreamer.resolve_precision(config)
+  monkeypatch.delenv(runtime.BF16_ENV)
+  assert runtime.cpu_has_bf16() == bool(runtime.cpu_flags() & {'avx512_bf16', 'amx_bf16'})
+
+
+@pytest.mark.parametrize('flags, source', [
+    ({'avx2', 'avx512f'}, 'set by this port; TensorFlow leaves it off on CPUs without AVX-512 VNNI/BF16'),
+    ({'avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16'}, "TensorFlow's default on this CPU"),
+    ({'avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16'}, "TensorFlow's default on this CPU"),
+])
+def test_the_onednn_line_says_who_turned_it_on(monkeypatch, flags, source):
+  monkeypatch.setattr(runtime, 'cpu_flags', lambda: flags)
+  monkeypatch.setattr(runtime, 'onednn_source', 'port')
+  monkeypatch.delenv(runtime.BF16_ENV, raising=False)
+  described = runtime.describe_cpu()
+  assert f'oneDNN on ({source}' in described or f'oneDNN off ({source}' in described, described
+  assert ('AVX-512, AMX)' in described or 'BF16, AMX)' in described) == ('amx_tile' in flags), described
