@@ -56,6 +56,11 @@ FLAGS = (
     Flag('log_every', int(1e3), 'environment steps between metric logs', positive=True, shown='1e3'),
     Flag('log_scalars', True, 'write training scalars (with False the checkpoint has one metric)', fixed=True),
     Flag('log_images', True, 'write the `agent/openl` video'),
+    Flag('video_every', int(1e4), 'environment steps between videos: the `agent/openl` video at the next training '
+         'round, the test video at the next evaluation (the reference: every log and every evaluation)',
+         positive=True, shown='1e4'),
+    Flag('video_frames', 500, 'at most this many frames (agent steps) of a test episode in its video: a whole '
+         'DMC episode, the first 2000 frames of an Atari game', positive=True),
     Flag('gpu_growth', True, 'let TF grow GPU memory instead of taking it all'),
     Flag('precision', 16, '16: mixed precision (float16 with loss scaling on a GPU; bfloat16 on a CPU that has it, '
          'else float32); 32: float32', choices=(16, 32)),
@@ -168,7 +173,7 @@ PRESETS = dict(
     # Tiny everything, for tests and smoke runs (50-step episodes: rendering is most of a tiny run's time).
     debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
                train_steps=1, pretrain=3, horizon=3, prefill=100, eval_every=100, train_every=50,
-               log_every=50, time_limit=50),
+               log_every=50, time_limit=50, steps=500),
 )
 PRESET_HELP = 'none, cpu or debug: named settings applied under the flags you give'
 

@@ -9,6 +9,7 @@ variables.pkl.
 """
 
 import json
+import pathlib
 import sys
 import time
 
@@ -48,10 +49,14 @@ class Counter:
 class Logger:
   """Writes metrics.jsonl, TensorBoard summaries and the console lines of a run."""
 
-  def __init__(self, logdir, writer, total_steps):
+  def __init__(self, logdir, writer, total_steps, video_every=1, video_frames=None):
     self._logdir = logdir
     self._writer = writer
     self._total = total_steps
+    # Test videos at most every `video_every` env steps, of at most `video_frames` frames: a GIF of a whole Atari
+    # game (up to 27,000 frames) at every evaluation grew event files by gigabytes.
+    self._should_video = tools.Every(video_every)
+    self._video_frames = video_frames
     self._returns = {}  # The latest train and test return, for the progress line.
     self._last = None  # (step, time) of the last scalar log, for fps.
 
@@ -80,8 +85,8 @@ class Logger:
     self._returns[f'{prefix}/return'] = ret
     self.write(counter.stored, metrics)
     self.scalars(counter.stored, metrics, 'sim')
-    if prefix == 'test':
-      self.video(f'sim/{prefix}/video', episode['image'][None], counter.stored)
+    if prefix == 'test' and self._should_video(counter.stored):
+      self.video(f'sim/{prefix}/video', episode['image'][None, :self._video_frames], counter.stored)
 
   def train_metrics(self, step, metrics):
     """The agent's scalars since the last log, with fps; console lines with the progress of the run."""
@@ -126,9 +131,11 @@ class Trainer:
     self._c = config
     self._counter = counter
     self._logger = logger
-    self._should_pretrain = tools.Once()
+    # Updates the pretraining round (the first round of the run) still owes; None once it is done.
+    self.pretrain_left = config.pretrain
     self._should_train = tools.Every(config.train_every)
     self._should_log = tools.Every(config.log_every)
+    self._should_video = tools.Every(config.video_every)
     # The open-loop video shows the decoder's predictions: variants without a decoder have none.
     self._openl = config.log_images and config.batch_length > 5 and config.representation == 'reconstruction'
     if config.log_images and not self._openl and config.representation != 'reconstruction':
@@ -141,9 +148,10 @@ class Trainer:
     """The reference's build step: one real update on a real batch (it also creates every variable)."""
     self._train_step(next(self._dataset))
 
-  def loaded(self):
-    """A loaded agent skips the pretraining round."""
-    self._should_pretrain()
+  def loaded(self, pretrain_left=None):
+    """A loaded agent skips the pretraining round, or trains the `pretrain_left` updates it still owes (a run
+    stopped inside that round, see PRETRAIN_FILE)."""
+    self.pretrain_left = pretrain_left or None
 
   def policy(self, training):
     def act(obs, reset, state):
@@ -162,16 +170,22 @@ class Trainer:
 
   def _train_round(self, step):
     log = self._should_log(step)
-    n = self._c.pretrain if self._should_pretrain() else self._c.train_steps
+    video = self._openl and self._should_video(step)
+    pretraining = self.pretrain_left is not None
+    n = self.pretrain_left if pretraining else self._c.train_steps
     print(f'Training for {n} steps.')
     skipped = 0.0
     with progress_bar(n, f'Training at step {step}', 'update') as bar:
       for index in range(n):
         data = next(self._dataset)
-        if log and index == 0 and self._openl:
+        if video and index == 0:
           self._logger.video('agent/openl', self._agent.openl(data), step)
         skipped += self._train_step(data)['nonfinite']  # Tensors: read once per round, below.
+        if pretraining:
+          self.pretrain_left -= 1  # What a stop now would still owe.
         bar.update()
+    if pretraining:
+      self.pretrain_left = None
     skipped = int(skipped)
     self._nonfinite += skipped
     if n and skipped == n:
@@ -193,7 +207,7 @@ def random_policy(actspace):
 def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writer, checkpoint=None):
   """Prefill, build, resume and the evaluate / collect / save rounds until --steps env steps are stored."""
   counter = Counter(datadir, config.action_repeat)
-  logger = Logger(config.logdir, writer, config.steps)
+  logger = Logger(config.logdir, writer, config.steps, config.video_every, config.video_frames)
 
   def on_train(episode):
     tools.save_episodes(datadir, [episode])
@@ -216,12 +230,13 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
   agent, dataset = agent(), dataset()
   trainer = Trainer(agent, dataset, config, counter, logger)
   trainer.build()
-  if checkpoint is None and (config.logdir / 'variables.pkl').exists():
-    checkpoint = config.logdir / 'variables.pkl'
+  own = config.logdir / 'variables.pkl'
+  if checkpoint is None and own.exists():
+    checkpoint = own
   if checkpoint:
     print(f'Load checkpoint {checkpoint}.')
     agent.load(checkpoint)  # The step counter stays the one of the episodes on disk.
-    trainer.loaded()
+    trainer.loaded(pretrain_owed(config, checkpoint))
   state = None
   try:
     while counter.stored < config.steps:
@@ -231,8 +246,40 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
       print('Start collection.')
       steps = config.eval_every // config.action_repeat
       state = tools.simulate(trainer.policy(training=True), train_envs, steps, state=state, on_episode=on_train)
-      agent.save(config.logdir / 'variables.pkl', counter.step)
+      save(config, agent, trainer, counter)
   except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
-    agent.save(config.logdir / 'variables.pkl', counter.step)
-    print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
+    save(config, agent, trainer, counter)
+    print(f'Interrupted; saved {own}.', file=sys.stderr)
     raise
+
+
+# The pretraining round's progress, beside a variables.pkl saved inside that round (a stop). variables.pkl keeps
+# the reference's format, which has no place for it; without this file a loaded checkpoint counts as pretrained.
+PRETRAIN_FILE = 'pretrain.json'
+
+
+def save(config, agent, trainer, counter):
+  """Writes variables.pkl, and PRETRAIN_FILE while the pretraining round is unfinished (before the checkpoint, so
+  that no checkpoint from inside the round is ever on disk without it); once the round is done, the file goes
+  after the checkpoint (a stop between the two costs a few extra updates, never the round's rest)."""
+  progress = config.logdir / PRETRAIN_FILE
+  if trainer.pretrain_left is not None:
+    done = max(0, config.pretrain - trainer.pretrain_left)
+    tools.write_json(progress, dict(pretrain=config.pretrain, done=done))
+    print(f'The pretraining round stopped after {done} of its {config.pretrain} updates; the same command '
+          f'resumes it.', file=sys.stderr)
+  agent.save(config.logdir / 'variables.pkl', counter.step)
+  if trainer.pretrain_left is None and progress.exists():
+    progress.unlink()
+
+
+def pretrain_owed(config, checkpoint):
+  """The updates a loaded checkpoint still owes its pretraining round: the rest of --pretrain when it is the
+  logdir's own, saved inside that round; else none."""
+  progress = config.logdir / PRETRAIN_FILE
+  if not progress.exists() or pathlib.Path(checkpoint).resolve() != (config.logdir / 'variables.pkl').resolve():
+    return 0
+  done = json.loads(progress.read_text())['done']
+  owed = max(0, config.pretrain - done)
+  print(f'The pretraining round was stopped after {done} updates; {owed} of --pretrain {config.pretrain} left.')
+  return owed

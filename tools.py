@@ -541,31 +541,38 @@ def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_b
 
   The folder is rescanned after every `rescan` draws. Episodes shorter than `length` + 1 are never drawn (the
   reference skipped them after drawing, which gives the same distribution). Loaded episodes stay in a cache of at
-  most `cache_bytes` (least recently used evicted, read back from disk when drawn again). Unreadable files are
-  reported once and skipped.
+  most `cache_bytes` (least recently used evicted, read back from disk when drawn again). A file that cannot be
+  read is skipped for the rest of the scan and read again when drawn after a rescan (as the reference tried it
+  at every rescan), at most once per scan: a warning when it becomes unreadable, a note when it is readable
+  again.
   """
   directory = pathlib.Path(directory).expanduser()
   random = np.random.RandomState(seed)
-  cache, size, broken = collections.OrderedDict(), 0, set()
+  cache, size, unreadable = collections.OrderedDict(), 0, set()
   while True:
-    filenames = [f for f in sorted(directory.glob('*.npz'))
-                 if f not in broken and (not length or episode_length(f) >= length + 1)]
-    if not filenames:
-      raise NoEpisodesError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
-    for index in random.choice(len(filenames), rescan):
+    filenames = [f for f in sorted(directory.glob('*.npz')) if not length or episode_length(f) >= length + 1]
+    failed, drawn = set(), 0  # Files that failed in this scan (not read again before the next); windows yielded.
+    for index in random.choice(len(filenames), rescan) if filenames else []:
       filename = filenames[index]
       if filename in cache:
         cache.move_to_end(filename)
         episode = cache[filename]
       else:
-        if filename in broken:
+        if filename in failed:
           continue
         try:
           episode = load_episode(filename)
         except Exception as e:
-          print(f'Warning: skipping unreadable episode file {filename}: {e}', file=sys.stderr)
-          broken.add(filename)
+          failed.add(filename)
+          if filename not in unreadable:
+            unreadable.add(filename)
+            print(f'Warning: cannot read episode file {filename} ({e}); it is skipped and read again after the '
+                  f'next rescan of the replay, every {rescan} draws ({len(unreadable)} unreadable).',
+                  file=sys.stderr)
           continue
+        if filename in unreadable:
+          unreadable.discard(filename)
+          print(f'Episode file {filename} is readable again ({len(unreadable)} unreadable).', file=sys.stderr)
         cache[filename] = episode
         size += sum(v.nbytes for v in episode.values())
         while cache_bytes and size > cache_bytes and len(cache) > 1:
@@ -581,7 +588,11 @@ def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_b
         else:
           index = int(random.randint(0, available))
         episode = {k: v[index: index + length] for k, v in episode.items()}
+      drawn += 1
       yield episode
+    unreadable &= set(filenames)  # Forget the files that are gone.
+    if not drawn and set(filenames) <= unreadable:
+      raise NoEpisodesError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
 
 
 # Simulation ---------------------------------------------------------------------------------------------------------
@@ -682,18 +693,6 @@ class Every:
       return True
     if step >= self._last + self._every:
       self._last += self._every
-      return True
-    return False
-
-
-class Once:
-
-  def __init__(self):
-    self._once = True
-
-  def __call__(self):
-    if self._once:
-      self._once = False
       return True
     return False
 

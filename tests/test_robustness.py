@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -183,6 +184,37 @@ def test_killed_and_stopped_at_each_point_the_run_resumes(tmp_path):
   episodes, transitions = tools.count_episodes(logdir / 'episodes')
   assert episodes > before[0] and transitions * 2 >= steps
   assert int(tools.read_checkpoint(logdir / 'variables.pkl')[0]) == transitions * 2
+
+
+@pytest.mark.e2e
+def test_stopped_inside_the_pretraining_round_the_run_resumes_it(tmp_path):
+  """SIGTERM two seconds into a pretraining round of 400 updates saves the checkpoint with the round's progress;
+  the same command again loads it, trains the updates the round still owes as its first round, and once the round
+  is done and a checkpoint saved, the progress file is gone."""
+  logdir = tmp_path / 'run'
+  argv = ('--logdir', str(logdir), '--steps', '150', *TINY, '--pretrain', '400')
+  process = start_dreamer(*argv)
+  lines = wait_for(process, 'Training for 400 steps.')
+  time.sleep(2)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 130, ''.join(lines) + out
+  match = re.search(r'The pretraining round stopped after (\d+) of its 400 updates', out)
+  assert match, out[-3000:]
+  done = int(match.group(1))
+  assert 0 < done < 400, out[-3000:]
+  assert json.loads((logdir / loop.PRETRAIN_FILE).read_text()) == dict(pretrain=400, done=done)
+  assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
+
+  process = start_dreamer(*argv)
+  out, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, out[-3000:]
+  assert 'Load checkpoint' in out, out[-3000:]
+  assert f'stopped after {done} updates; {400 - done} of --pretrain 400 left.' in out, out[-3000:]
+  rounds = re.findall(r'Training for (\d+) steps\.', out)
+  assert rounds[0] == str(400 - done) and set(rounds[1:]) == {'1'}, rounds  # Then rounds of --train_steps 1.
+  assert not (logdir / loop.PRETRAIN_FILE).exists()
+  check_logdir(logdir)
 
 
 def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):

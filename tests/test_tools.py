@@ -335,6 +335,30 @@ def test_load_episodes_skips_unreadable_files(tmp_path, capsys):
   assert not any(str(name) in err for name in good)
 
 
+def test_an_unreadable_episode_is_read_again_after_the_next_rescan(tmp_path, monkeypatch, capsys):
+  """A file that fails once (here: half written by another process) is tried again once per rescan, not at every
+  draw, and is drawn as soon as it reads."""
+  tools.save_episodes(tmp_path, [make_episode(10, 1)])
+  late = tools.save_episodes(tmp_path / 'other', [make_episode(10, 2)])[0]
+  target = tmp_path / late.name
+  target.write_bytes(late.read_bytes()[:500])
+  reads = []
+  real_load = tools.load_episode
+  monkeypatch.setattr(tools, 'load_episode', lambda f: reads.append(f) or real_load(f))
+  generator = tools.load_episodes(tmp_path, rescan=20, length=4, seed=0)
+  idents = [int(next(generator)['reward'][0]) // 1000 for _ in range(30)]
+  assert set(idents) == {1}
+  # 30 windows take at least two scans of 20 draws (about three, as half the draws land on the unreadable file,
+  # some 30 draws): it was read once per scan, not once per draw.
+  assert 2 <= reads.count(target) <= 4, reads.count(target)
+  err = capsys.readouterr().err
+  assert err.count(str(target)) == 1 and '(1 unreadable)' in err  # Warned once.
+  target.write_bytes(late.read_bytes())  # The file is whole now.
+  idents = [int(next(generator)['reward'][0]) // 1000 for _ in range(30)]
+  assert 2 in idents
+  assert f'Episode file {target} is readable again (0 unreadable).' in capsys.readouterr().err
+
+
 def test_load_episodes_without_readable_files_raises(tmp_path):
   (tmp_path / f'20200101T000000-{"c" * 32}-10.npz').write_bytes(b'not an npz')
   with pytest.raises(RuntimeError):
@@ -469,12 +493,6 @@ def test_exploration_halving_and_no_decay():
   assert tools.exploration_amount(1.5e6, 0.4, 3e6, 0.0, 'linear') == pytest.approx(0.2, abs=1e-12)
   with pytest.raises(NotImplementedError):
     tools.exploration_amount(0, 0.4, 1e6, 0.1, 'cosine')
-
-
-def test_once():
-  once = tools.Once()
-  assert [once() for _ in range(4)] == [True, False, False, False]
-  assert tools.Once()()  # instances are independent
 
 
 # GIFs ----------------------------------------------------------------------------------------------------------------

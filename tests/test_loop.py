@@ -1,0 +1,111 @@
+"""The training loop's own schedule (loop.py): when videos are written, and what a stop inside the pretraining
+round leaves for the restart. On a real tiny agent, real batches from episode files and real event files."""
+
+import json
+
+import imageio.v3 as iio
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from gymnasium import spaces
+
+import dreamer
+import loop
+import tools
+from conftest import fake_episodes
+
+
+def gifs(logdir):
+  """{tag: [(step, frames)]} of the GIF summaries in a logdir's event files."""
+  found = {}
+  for path in sorted(logdir.glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.HasField('image'):
+          frames = iio.imread(value.image.encoded_image_string, index=None, extension='.gif')
+          found.setdefault(value.tag, []).append((event.step, len(frames)))
+  return found
+
+
+def test_test_videos_are_bounded_in_frames_and_spaced_by_video_every(tmp_path):
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  logger = loop.Logger(tmp_path, writer, 1000, video_every=100, video_frames=7)
+  counter = loop.Counter(tmp_path / 'episodes', 1)
+  rng = np.random.RandomState(0)
+  episode = dict(image=rng.randint(0, 255, (21, 64, 64, 3), np.uint8), reward=np.ones(21, np.float32))
+  for stored in (0, 50, 100, 150, 260, 270):
+    counter.stored = stored
+    logger.episode(episode, 'test', counter)
+  logger.episode(episode, 'train', counter)  # Training episodes have no video.
+  writer.flush()
+  assert gifs(tmp_path) == {'sim/test/video/gif': [(0, 7), (100, 7), (260, 7)]}
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines if 'test/return' in line] == [0, 50, 100, 150, 260, 270]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+  """A tiny real agent, its dataset over three episode files and its config (float32)."""
+  fake_episodes(tmp_path / 'episodes', 3)
+  def make(*argv):
+    config = dreamer.parse_args([
+        '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
+        '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
+        '--train_steps', '2', '--pretrain', '5', '--train_every', '10', '--log_every', '10', *argv])
+    dreamer.setup(config)
+    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
+    return agent, dreamer.make_dataset(tmp_path / 'episodes', config, tf.distribute.get_strategy()), config
+  yield make
+  keras.mixed_precision.set_global_policy('float32')
+
+
+def act(trainer, calls):
+  """`calls` training policy steps of one environment, as tools.simulate makes them."""
+  policy, state = trainer.policy(training=True), None
+  obs = {'image': np.zeros((1, 64, 64, 3), np.uint8)}
+  for index in range(calls):
+    _, state = policy(obs, np.array([index == 0]), state)
+
+
+def test_the_openl_video_follows_video_every_and_the_pretraining_round_comes_first(tiny, tmp_path, capsys):
+  agent, dataset, config = tiny('--video_every', '30')
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  counter = loop.Counter(tmp_path / 'episodes', config.action_repeat)
+  start = counter.step
+  trainer = loop.Trainer(agent, dataset, config, counter, loop.Logger(tmp_path, writer, config.steps))
+  act(trainer, 40)  # 80 env steps: a round every 10 (5 updates first, then 2), a video every 30.
+  writer.flush()
+  rounds = [int(line.split()[2]) for line in capsys.readouterr().out.splitlines() if line.startswith('Training for')]
+  assert rounds == [5] + [2] * 7, rounds
+  assert trainer.pretrain_left is None
+  openl = gifs(tmp_path)['agent/openl/gif']
+  assert [step - start for step, _ in openl] == [0, 30, 60], openl
+  assert {frames for _, frames in openl} == {config.batch_length}
+
+
+def test_a_stop_inside_the_pretraining_round_saves_what_it_owes(tiny, tmp_path):
+  agent, dataset, config = tiny()
+  counter = loop.Counter(tmp_path / 'episodes', config.action_repeat)
+  trainer = loop.Trainer(agent, dataset, config, counter, loop.Logger(tmp_path, None, config.steps))
+  trainer.pretrain_left = 3  # As a stop after 2 of the 5 updates leaves it.
+  loop.save(config, agent, trainer, counter)
+  progress = tmp_path / loop.PRETRAIN_FILE
+  assert json.loads(progress.read_text()) == dict(pretrain=5, done=2)
+  own = tmp_path / 'variables.pkl'
+  assert loop.pretrain_owed(config, own) == 3
+  assert loop.pretrain_owed(dreamer.parse_args(['--logdir', str(tmp_path), '--pretrain', '8']), own) == 6
+  assert loop.pretrain_owed(dreamer.parse_args(['--logdir', str(tmp_path), '--pretrain', '1']), own) == 0
+  other = tmp_path / 'elsewhere' / 'variables.pkl'  # Another run's checkpoint (--checkpoint): pretrained.
+  other.parent.mkdir()
+  other.write_bytes(own.read_bytes())
+  assert loop.pretrain_owed(config, other) == 0
+  restarted = loop.Trainer(agent, dataset, config, counter, loop.Logger(tmp_path, None, config.steps))
+  restarted.loaded(loop.pretrain_owed(config, own))
+  assert restarted.pretrain_left == 3
+  act(restarted, 1)  # The first round trains what the pretraining round owes; the next save drops the file.
+  assert restarted.pretrain_left is None
+  loop.save(config, agent, restarted, counter)
+  assert not progress.exists() and tools.read_checkpoint(own)
+  restarted.loaded()  # A checkpoint without the file: pretrained.
+  assert restarted.pretrain_left is None
