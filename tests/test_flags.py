@@ -41,6 +41,10 @@ def test_the_defaults_pass_the_checks_and_layers_apply_in_order():
   assert config.horizon == 7  # Given flags win over the preset (3) and the suite (10).
   assert config.deter_size == 16 and config.action_repeat == 4 and config.preset == 'debug'
   assert type(config.expl_decay) is float and config.expl_decay == 3e6
+  # The debug preset is a smoke run that ends by itself (about half a minute), on DMC and Atari alike.
+  for task in ('dmc_walker_walk', 'atari_pong'):
+    assert flags.parse_args(['--task', task, '--preset', 'debug']).steps == 500
+  assert flags.parse_args(['--preset', 'debug', '--steps', '1e4']).steps == 10000
 
 
 @pytest.mark.parametrize('argv, message', [
