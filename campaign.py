@@ -1,0 +1,304 @@
+"""Campaigns: training runs of tasks x methods x seeds to a step budget, resumable, at the lowest CPU priority.
+
+  python campaign.py --outdir ~/campaigns/reproduction --tasks dmc_walker_walk dmc_cheetah_run \
+      --methods dreamer_cpu --seeds 0 1 --steps 1e5 --copy docs/reproduction/runs
+
+Each run is `python dreamer.py --logdir OUTDIR/<task>/<method>/<seed> --task <task> --seed <seed> --steps <steps>`
+with the method's flags (METHODS, or `NAME="--flag value ..."` on the command line) and `--flags`, one after
+another. Started again, the same command resumes the unfinished run from its logdir (dreamer.py resumes from the
+episodes and checkpoint on disk) and skips the finished ones. A finished run is evaluated once
+(`--eval_only True --eval_episodes N`, eval.json). Its small files (config.json, metrics.jsonl, eval.json and
+run.json: wall seconds, steps and the machine of every stretch it ran) are copied to `--copy
+<dir>/<task>/<method>/<seed>/` every few minutes, to be committed, so that the evidence outlives the machine; the
+replay stays in OUTDIR. A run whose logdir is gone while its copy exists starts again from nothing, and run.json
+records that (`restarts`). No TensorFlow in this process.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+# A method is a named set of flags. dreamer is the paper's configuration (all defaults); the rest are the `cpu`
+# preset and the paper's ablations (README, "Ablations").
+METHODS = dict(
+    dreamer=[],
+    dreamer_cpu=['--preset', 'cpu'],
+    dreamer_nstep=['--value_estimate', 'nstep'],
+    no_value=['--value_estimate', 'reward'],
+    planet=['--behavior', 'cem'],
+    contrastive=['--representation', 'contrastive'],
+    reward_only=['--representation', 'reward'],
+)
+SMALL_FILES = ('config.json', 'metrics.jsonl', 'eval.json', 'run.json')
+COPY_EVERY = 300  # Seconds between copies of a running run's small files.
+
+
+class CampaignError(Exception):
+  """A bad argument: the message names it."""
+
+
+def parse_methods(specs):
+  """['dreamer_cpu', 'tiny=--preset debug'] -> {name: flags}."""
+  methods = {}
+  for spec in specs:
+    name, sep, flags = spec.partition('=')
+    if sep:
+      methods[name] = shlex.split(flags)
+    elif spec in METHODS:
+      methods[spec] = METHODS[spec]
+    else:
+      raise CampaignError(f"--methods {spec}: not a known method ({', '.join(METHODS)}); define one as "
+                          f'NAME="--flag value ..."')
+    if not name or '/' in name:
+      raise CampaignError(f'--methods {spec}: a method name must be a non-empty folder name.')
+  return methods
+
+
+def read_json(path, default=None):
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (OSError, ValueError):
+    return default
+
+
+def write_json(path, data):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_name(path.name + '.tmp')
+  temporary.write_text(json.dumps(data, indent=1) + '\n')
+  os.replace(temporary, path)
+
+
+def last_step(logdir):
+  """The largest `step` in a run's metrics.jsonl (0 without one)."""
+  step = 0
+  try:
+    lines = (pathlib.Path(logdir) / 'metrics.jsonl').read_text().splitlines()
+  except OSError:
+    return 0
+  for line in lines:
+    try:
+      step = max(step, int(json.loads(line).get('step', 0)))
+    except ValueError:
+      pass  # A line cut by a kill.
+  return step
+
+
+def machine_lines(log_text):
+  """The CPU and precision lines dreamer.py printed at its last start, e.g. ('AMD EPYC (AVX2, ...)', 'float32')."""
+  cpu = precision = None
+  for line in log_text.splitlines():
+    if line.startswith('CPU: '):
+      cpu = line[len('CPU: '):].rstrip('.')
+    elif line.startswith('Precision: '):
+      precision = line.rsplit(' runs as ', 1)[-1].split(' on ')[0]
+  return cpu, precision
+
+
+def lowest_priority():
+  """In the child: nice 19, and the same for its autogroup, through which Linux shares the CPU between sessions
+  first (nice alone does not lower a run started in a session of its own)."""
+  os.nice(19)
+  try:
+    pathlib.Path('/proc/self/autogroup').write_text('19')
+  except OSError:
+    pass
+
+
+class Run:
+
+  def __init__(self, args, task, method, flags, seed, value=None):
+    """`value`: this run's value of the --sweep flag (its folder is then `<flag><value>_s<seed>`)."""
+    folder = str(seed) if value is None else f'{args.sweep[0]}{value}_s{seed}'
+    swept = [] if value is None else [f'--{args.sweep[0]}', value]
+    self.name = f'{task}/{method}/{folder}'
+    self.logdir = args.outdir / task / method / folder
+    self.copy = args.copy / task / method / folder if args.copy else None
+    self.argv = [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(self.logdir), '--task', task,
+                 '--seed', str(seed), '--steps', str(args.steps), *flags, *args.flags, *swept]
+    self.info_path = self.logdir / 'run.json'
+
+  def info(self):
+    """run.json: the logdir's, else the copy's (the logdir was lost), else new."""
+    info = read_json(self.info_path) or (read_json(self.copy / 'run.json') if self.copy else None)
+    return info or dict(command=self.argv[1:], stretches=[], restarts=[], seconds=0.0)
+
+  def save(self, info):
+    write_json(self.info_path, info)
+    self.copy_small_files()
+
+  def copy_small_files(self):
+    if not self.copy:
+      return
+    self.copy.mkdir(parents=True, exist_ok=True)
+    for name in SMALL_FILES:
+      if (self.logdir / name).exists():
+        shutil.copyfile(self.logdir / name, self.copy / (name + '.tmp'))
+        os.replace(self.copy / (name + '.tmp'), self.copy / name)
+
+  def finished(self):
+    """Evaluated: in the logdir, or in the copy (the evidence is kept; a lost replay is not trained again)."""
+    return (self.logdir / 'eval.json').exists() or bool(self.copy and (self.copy / 'eval.json').exists())
+
+  def train(self, limit=None):
+    """Trains until --steps (or `limit` wall seconds in all, then SIGTERM: dreamer.py saves and stops). Returns
+    the exit code (0 also for a run stopped at its limit)."""
+    info = self.info()
+    if self.copy and (self.copy / 'run.json').exists() and not self.info_path.exists():
+      # The lost run's stretches go with the restart; the seconds and stretches are the new run's.
+      info['restarts'].append(dict(time=now(), reason='the logdir was lost; the run starts again from nothing',
+                                   steps_before=last_step(self.copy), seconds_before=info['seconds'],
+                                   stretches_before=info['stretches']))
+      info.update(seconds=0.0, stretches=[])
+      info.pop('evaluated', None), info.pop('eval_exit_code', None)
+      for name in ('eval.json', 'metrics.jsonl'):  # The copy follows the new run from now on.
+        (self.copy / name).unlink(missing_ok=True)
+      print(f'{self.name}: its logdir {self.logdir} is gone; the run starts again from nothing.', flush=True)
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    stretch = dict(start=now(), steps_from=last_step(self.logdir))
+    info['stretches'].append(stretch)
+    self.save(info)
+    left = None if limit is None else limit - info['seconds']
+    if left is not None and left <= 0:
+      return 0
+    begin = time.time()
+    with (self.logdir / 'train.log').open('a') as log:
+      offset = log.tell()
+      process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority)
+      try:
+        while True:
+          try:
+            code = process.wait(timeout=COPY_EVERY if left is None else min(COPY_EVERY, left))
+            break
+          except subprocess.TimeoutExpired:
+            self.update(info, stretch, begin, offset)
+            if left is not None and time.time() - begin >= left:
+              process.send_signal(signal.SIGTERM)  # Saves the checkpoint; exits with 130.
+              process.wait()
+              code = 0
+              stretch['stopped'] = f'at the wall-time limit of {limit} s'
+              break
+      except BaseException:  # Stopped itself (Ctrl-C, SIGTERM): stop the run as a user would, then record.
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+        self.update(info, stretch, begin, offset, code=process.returncode)
+        raise
+    self.update(info, stretch, begin, offset, code=code)
+    return code
+
+  def update(self, info, stretch, begin, offset, code=None):
+    """Records the running stretch (its seconds, steps and machine) in run.json and copies the small files."""
+    with (self.logdir / 'train.log').open() as f:
+      f.seek(offset)
+      cpu, precision = machine_lines(f.read())
+    seconds = time.time() - begin
+    info['seconds'] = info['seconds'] - stretch.get('seconds', 0.0) + seconds
+    stretch.update(seconds=round(seconds, 1), steps_to=last_step(self.logdir), device=cpu, precision=precision)
+    if code is not None:
+      stretch.update(end=now(), exit_code=code)
+    info['seconds'] = round(info['seconds'], 1)
+    self.save(info)
+
+  def evaluate(self, episodes):
+    argv = self.argv + ['--eval_only', 'True', '--eval_episodes', str(episodes)]
+    with (self.logdir / 'eval.log').open('w') as log:
+      code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority).returncode
+    info = self.info()
+    info.update(evaluated=now(), eval_exit_code=code)
+    self.save(info)
+    return code
+
+
+def now():
+  return datetime.datetime.now().isoformat(timespec='seconds')
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--outdir', type=pathlib.Path, required=True, help='the runs (replays, checkpoints)')
+  parser.add_argument('--tasks', nargs='+', required=True)
+  parser.add_argument('--methods', nargs='+', required=True, help=f'of {", ".join(METHODS)}, or NAME="FLAGS"')
+  parser.add_argument('--seeds', nargs='+', type=int, default=[0])
+  parser.add_argument('--steps', default='1e5', help='environment steps of every run')
+  parser.add_argument('--flags', default='', help='flags added to every run, e.g. "--eval_every 5e3"')
+  parser.add_argument('--eval_episodes', type=int, default=10)
+  parser.add_argument('--copy', type=pathlib.Path, help='where the small files of each run go (to commit)')
+  parser.add_argument('--limit', action='append', default=[], metavar='METHOD=SECONDS',
+                      help='stop the runs of METHOD after SECONDS of wall time in all; SECONDS "auto": the '
+                      'longest wall time of the other methods\' runs of the same task and seed')
+  parser.add_argument('--sweep', nargs='+', metavar='FLAG VALUE', help='run every method once per value of a '
+                      'flag, in folders <flag><value>_s<seed> (e.g. --sweep horizon 5 10 20)')
+  parser.add_argument('--dry_run', action='store_true', help='only list the runs and their state')
+  args = parser.parse_args(argv)
+  args.outdir = args.outdir.expanduser()
+  args.copy = args.copy.expanduser() if args.copy else None
+  args.flags = shlex.split(args.flags)
+  try:
+    float(args.steps)
+  except ValueError:
+    raise CampaignError(f'--steps {args.steps}: expected a number of environment steps, e.g. 1e5.') from None
+  args.methods = parse_methods(args.methods)
+  if args.sweep is not None and len(args.sweep) < 2:
+    raise CampaignError('--sweep takes a flag name and at least one value, e.g. --sweep horizon 5 10 20.')
+  limits = {}
+  for spec in args.limit:
+    method, _, seconds = spec.partition('=')
+    if method not in args.methods or not (seconds == 'auto' or seconds.replace('.', '', 1).isdigit()):
+      raise CampaignError(f'--limit {spec}: expected METHOD=SECONDS or METHOD=auto for one of --methods.')
+    limits[method] = seconds
+  args.limit = limits
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  values = args.sweep[1:] if args.sweep else [None]
+  runs = [(Run(args, task, method, flags, seed, value), task, method, seed) for task in args.tasks
+          for seed in args.seeds for value in values for method, flags in args.methods.items()]
+  # Limited methods run last, so that `auto` can read the others' wall time.
+  runs.sort(key=lambda r: r[2] in args.limit)
+  for run, task, method, seed in runs:
+    state = 'finished' if run.finished() else f'at step {last_step(run.logdir)}'
+    if args.dry_run or run.finished():
+      print(f'{run.name}: {state}.', flush=True)
+      if run.finished():
+        run.copy_small_files()
+      continue
+    limit = args.limit.get(method)
+    if limit == 'auto':
+      others = [r.info()['seconds'] for r, t, m, s in runs if (t, s) == (task, seed) and m not in args.limit]
+      limit = max(others, default=0.0)
+    elif limit is not None:
+      limit = float(limit)
+    print(f'{run.name}: training ({state}) in {run.logdir}.', flush=True)
+    code = run.train(limit)
+    if code != 0:
+      print(f'{run.name}: dreamer.py exited with {code}; see {run.logdir / "train.log"}. Going on with the next '
+            'run.', flush=True)
+      continue
+    print(f'{run.name}: evaluating ({args.eval_episodes} episodes).', flush=True)
+    code = run.evaluate(args.eval_episodes)
+    if code != 0:
+      print(f'{run.name}: the evaluation exited with {code}; see {run.logdir / "eval.log"}.', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(130))  # Stops the running run as Ctrl-C does.
+  try:
+    sys.exit(main())
+  except CampaignError as e:
+    print(f'Error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    sys.exit(130)

@@ -1,0 +1,13 @@
+#!/bin/sh
+# The reproduction campaign (docs/reproduction.md): the `cpu` preset on three DMC tasks, two seeds each, then the
+# paper's configuration on walker walk, each to 1e5 environment steps. Resumable: the same command continues where
+# it stopped. The runs (replays, checkpoints) go to $OUTDIR, outside the repository; their small files are copied
+# to docs/reproduction/runs/ to be committed.
+#   sh docs/reproduction/run.sh            (OUTDIR defaults to ../campaigns/reproduction)
+set -e
+cd "$(dirname "$0")/../.."
+OUTDIR=${OUTDIR:-../campaigns/reproduction}
+python campaign.py --outdir "$OUTDIR" --copy docs/reproduction/runs --steps 1e5 --eval_episodes 10 \
+  --tasks dmc_walker_walk dmc_cheetah_run dmc_pendulum_swingup --methods dreamer_cpu --seeds 0 1
+python campaign.py --outdir "$OUTDIR" --copy docs/reproduction/runs --steps 1e5 --eval_episodes 10 \
+  --tasks dmc_walker_walk --methods dreamer --seeds 0
