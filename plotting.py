@@ -11,7 +11,10 @@ The paper's ablations (README, "Ablations"): the variants' curves side by side p
 method folders named after the variants (`dreamer`, `dreamer_nstep`, `no_value`, `planet`, `contrastive`,
 `reward_only`) and `--no_paper`; `--figure horizon` draws each method's final return against its imagination
 horizon, read from the `config.json` beside each run's metrics (any run folder name, e.g. `h20_s0`), with
-`horizon.md` / `horizon.csv` listing the points.
+`horizon.md` / `horizon.csv` listing the points. `--figure aggregate` sets all runs of each method (and the paper's
+seeds on the same tasks, at the recorded step nearest the runs') side by side as interval estimates (Agarwal et al.,
+NeurIPS 2021): the interquartile mean, median and mean of the normalized scores (DMC: return / 1000; a run's score
+is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals.
 """
 
 import argparse
@@ -249,14 +252,121 @@ def plot_horizon(points, outdir, ykey, cols=4):
   (outdir / 'horizon.md').write_text('\n'.join(lines) + '\n')
 
 
+# The aggregate figure (Agarwal et al., NeurIPS 2021: interval estimates over runs) --------------------------------
+
+STATISTICS = ('IQM', 'median', 'mean')
+
+
+def normalized(task, value):
+  """A DMC return over the maximum return 1000 (other suites' returns are left as they are)."""
+  return value / 1000.0 if task.startswith('dmc_') else value
+
+
+def run_score(run, width):
+  """A run's score: the mean of its eval.json (the final checkpoint's evaluation) where present, else its last
+  bin of test returns."""
+  return float(run.eval['mean']) if run.eval else float(final_return(run, width))
+
+
+def paper_scores(paper_runs, tasks, step):
+  """{task: [score per seed]}: the paper's test return at its recorded step nearest `step`."""
+  scores = {}
+  for task in tasks:
+    for run in (r for r in paper_runs if r.task == task):
+      scores.setdefault(task, []).append(float(run.ys[np.argmin(np.abs(run.xs - step))]))
+  return scores
+
+
+def statistic(name, scores):
+  from scipy import stats
+  scores = np.asarray(scores, np.float64)
+  return dict(IQM=lambda: stats.trim_mean(scores, 0.25), median=lambda: np.median(scores),
+              mean=lambda: np.mean(scores))[name]()
+
+
+def interval(per_task, name, resamples=2000, confidence=0.95, seed=0):
+  """(point, low, high): the statistic over all normalized scores of {task: [scores]}, with a stratified bootstrap
+  confidence interval (each resample draws every task's runs from that task's own, scipy.stats.bootstrap with one
+  sample per task)."""
+  from scipy import stats
+  samples = [np.asarray(v, np.float64) for _, v in sorted(per_task.items())]
+  point = statistic(name, np.concatenate(samples))
+  if all(len(np.unique(v)) == 1 for v in samples):  # Nothing to resample: the interval is the point.
+    return point, point, point
+  result = stats.bootstrap(samples, lambda *parts: statistic(name, np.concatenate(parts)), n_resamples=resamples,
+                           confidence_level=confidence, method='percentile', paired=False, vectorized=False,
+                           random_state=np.random.default_rng(seed))
+  return point, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def aggregate_rows(runs, paper_runs, width):
+  """Rows {method, runs, tasks, step, IQM, IQM_low, IQM_high, ...}: every method's normalized scores over all its
+  runs (and the paper's seeds at the runs' step on the same tasks), with 95% stratified bootstrap intervals."""
+  groups = collections.defaultdict(dict)
+  for run in runs:
+    groups[run.method].setdefault(run.task, []).append(normalized(run.task, run_score(run, width)))
+  step = max(run.xs[-1] for run in runs)
+  tasks = sorted({run.task for run in runs})
+  paper = {t: [normalized(t, v) for v in vs] for t, vs in paper_scores(paper_runs, tasks, step).items()}
+  if paper:
+    groups[PAPER] = paper
+  rows = []
+  for method, per_task in sorted(groups.items()):
+    row = dict(method=method, runs=sum(map(len, per_task.values())), tasks=len(per_task), step=int(step))
+    for name in STATISTICS:
+      row[name], row[f'{name}_low'], row[f'{name}_high'] = interval(per_task, name)
+    rows.append(row)
+  return rows
+
+
+AGGREGATE_COLUMNS = ('method', 'runs', 'tasks', 'step') + tuple(
+    f'{name}{part}' for name in STATISTICS for part in ('', '_low', '_high'))
+
+
+def plot_aggregate(rows, outdir):
+  """Interval estimates per method: the IQM, median and mean of the normalized scores with their 95% stratified
+  bootstrap intervals; also aggregate.md and aggregate.csv."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(STATISTICS), figsize=(3.2 * len(STATISTICS), 0.5 * len(rows) + 1.4), sharey=True)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for ax, name in zip(axes, STATISTICS):
+    for y, row in enumerate(rows):
+      ax.barh(y, row[f'{name}_high'] - row[f'{name}_low'], left=row[f'{name}_low'], height=0.6,
+              color=colors[y % len(colors)], alpha=0.6)
+      ax.vlines(row[name], y - 0.3, y + 0.3, color='black', lw=2)
+    ax.set_yticks(range(len(rows)), [f'{r["method"]} ({r["runs"]} runs)' for r in rows])
+    ax.set_title(name)
+    ax.grid(axis='x', alpha=0.3)
+  fig.supxlabel('normalized score (DMC: return / 1000)', fontsize=9)
+  fig.suptitle(f'{rows[0]["tasks"]} tasks at {_steps_label(rows[0]["step"], None)} steps; 95% stratified '
+               'bootstrap intervals', fontsize=9)
+  fig.tight_layout()
+  for suffix in ('png', 'pdf'):
+    fig.savefig(outdir / f'aggregate.{suffix}', dpi=110)
+  plt.close(fig)
+  fmt = lambda v: f'{v:.3f}' if isinstance(v, float) else str(v)
+  with (outdir / 'aggregate.csv').open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(AGGREGATE_COLUMNS)
+    writer.writerows([[fmt(r[c]) for c in AGGREGATE_COLUMNS] for r in rows])
+  lines = ['| method | runs | tasks | step | ' + ' | '.join(f'{n} [95% CI]' for n in STATISTICS) + ' |',
+           '|' + '---|' * (4 + len(STATISTICS))]
+  lines += ['| ' + ' | '.join(str(r[c]) for c in ('method', 'runs', 'tasks', 'step')) + ' | ' + ' | '.join(
+      f'{r[n]:.3f} [{r[n + "_low"]:.3f}, {r[n + "_high"]:.3f}]' for n in STATISTICS) + ' |' for r in rows]
+  (outdir / 'aggregate.md').write_text('\n'.join(lines) + '\n')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--indir', type=pathlib.Path, required=True)
   parser.add_argument('--outdir', type=pathlib.Path, required=True)
   parser.add_argument('--tasks', nargs='*', default=['*'], help='glob patterns, e.g. dmc_walker_*')
   parser.add_argument('--methods', nargs='*', default=['*'], help='glob patterns')
-  parser.add_argument('--figure', choices=('curves', 'horizon'), default='curves',
-                      help='curves: return against steps per task; horizon: final return against the horizon')
+  parser.add_argument('--figure', choices=('curves', 'horizon', 'aggregate'), default='curves',
+                      help='curves: return against steps per task; horizon: final return against the horizon; '
+                      'aggregate: IQM, median and mean over all runs with stratified bootstrap intervals')
   parser.add_argument('--xkey', default='step')
   parser.add_argument('--ykey', default='test/return')
   parser.add_argument('--bins', type=float, default=1e5, help='bin width in steps')
@@ -296,6 +406,12 @@ def main(argv=None):
     except ValueError:
       parser.error(f"--hline {line}: expected TASK:LABEL=VALUE, e.g. 'dmc_cheetah_run:random policy=5.2'")
   args.outdir.mkdir(parents=True, exist_ok=True)
+  if args.figure == 'aggregate':
+    rows = aggregate_rows(runs, paper_runs, args.bins)
+    plot_aggregate(rows, args.outdir)
+    print((args.outdir / 'aggregate.md').read_text())
+    print(f'Wrote {args.outdir / "aggregate.png"}, aggregate.pdf, aggregate.md and aggregate.csv.')
+    return 0
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)
   rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
   print((args.outdir / 'returns.md').read_text())

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,3 +101,56 @@ def test_horizon_figure_reads_the_horizon_from_each_runs_config(tmp_path, capsys
   assert '| dmc_walker_walk | dreamer | 20 | 1 | 400.0 |' in capsys.readouterr().out
   write_run(tmp_path / 'none', 'dmc_walker_walk', 'dreamer', 0, [(0, 1)])
   assert plotting.main(['--indir', str(tmp_path / 'none'), '--outdir', str(outdir), '--figure', 'horizon']) == 2
+
+
+def stratified_bootstrap(per_task, statistic, resamples, rng):
+  """By hand: each resample draws every task's scores from that task's own, with replacement."""
+  values = []
+  for _ in range(resamples):
+    drawn = np.concatenate([rng.choice(v, len(v)) for _, v in sorted(per_task.items())])
+    values.append(statistic(drawn))
+  return np.percentile(values, [2.5, 97.5])
+
+
+def iqm(scores):
+  """The mean of the middle half of the sorted scores (for 8 scores: the 3rd to 6th)."""
+  scores = np.sort(scores)
+  n = len(scores)
+  return scores[n // 4:n - n // 4].mean()
+
+
+def test_aggregate_intervals_are_stratified_bootstraps_of_the_iqm(tmp_path):
+  """Two tasks far apart, four seeds each: the interval is the stratified one (a bootstrap over the pooled runs,
+  whose resamples mix the tasks in other proportions, is wider)."""
+  rng = np.random.RandomState(0)
+  per_task = {'dmc_a': 0.8 + 0.1 * rng.rand(4), 'dmc_b': 0.1 + 0.1 * rng.rand(4)}
+  point, low, high = plotting.interval(per_task, 'IQM', resamples=4000)
+  pooled = np.concatenate(list(per_task.values()))
+  assert point == pytest.approx(iqm(pooled), abs=1e-12)
+  expected = stratified_bootstrap(per_task, iqm, 4000, np.random.RandomState(1))
+  np.testing.assert_allclose([low, high], expected, atol=0.01)
+  unstratified = stratified_bootstrap({'all': pooled}, iqm, 4000, np.random.RandomState(1))
+  assert unstratified[1] - unstratified[0] > 1.5 * (high - low), (unstratified, low, high)
+  assert plotting.interval({'dmc_a': [0.5], 'dmc_b': [0.25]}, 'mean') == (0.375, 0.375, 0.375)  # Nothing to draw.
+
+
+def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
+  indir, outdir = tmp_path / 'runs', tmp_path / 'plots'
+  for seed, final in enumerate([300.0, 500.0]):
+    write_run(indir, 'dmc_walker_walk', 'port', seed, [(0, 10), (100000, 40)], final)  # eval.json wins.
+    write_run(indir, 'dmc_cheetah_run', 'port', seed, [(0, 1), (100000, 100 + 100 * seed)])
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--figure', 'aggregate']) == 0
+  assert (outdir / 'aggregate.png').stat().st_size > 10000 and (outdir / 'aggregate.pdf').exists()
+  rows = {row['method']: row for row in csv.DictReader((outdir / 'aggregate.csv').open())}
+  assert set(rows) == {'port', plotting.PAPER}
+  port = rows['port']
+  assert (port['runs'], port['tasks'], port['step']) == ('4', '2', '100000')
+  assert float(port['mean']) == pytest.approx(np.mean([0.3, 0.5, 0.1, 0.2]), abs=1e-3)
+  assert float(port['IQM']) == pytest.approx(iqm([0.3, 0.5, 0.1, 0.2]), abs=1e-3)
+  assert float(port['IQM_low']) <= float(port['IQM']) <= float(port['IQM_high'])
+  # The paper: its five seeds per task at its recorded step nearest 1e5 (1.05e5).
+  scores = json.loads((ROOT / 'scores' / 'dreamer.json').read_text())
+  at = [r['ys'][r['xs'].index(105000.0)] / 1000 for r in scores if r['task'] in ('dmc_walker_walk', 'dmc_cheetah_run')]
+  assert rows[plotting.PAPER]['runs'] == '10'
+  assert float(rows[plotting.PAPER]['mean']) == pytest.approx(np.mean(at), abs=1e-3)
+  assert '| port | 4 | 2 | 100000 |' in capsys.readouterr().out
