@@ -236,80 +236,100 @@ class Dreamer:
     """One update of the world model, the actor and the value (those the variant has), in a replica context. data:
     dict of [B, T, ...] tensors as the dataset yields them (uint8 images), this replica's part of the batch. Returns
     this replica's metrics (with `probe`, also the gradients and intermediates that train_probe describes)."""
-    c = self._c
-    data = preprocess(data, c)  # Images to float32 here, not in the input pipeline: see load_dataset.
-    # World model.
+    data = preprocess(data, self._c)  # Images to float32 here, not in the input pipeline: see load_dataset.
     with tf.GradientTape() as model_tape:
-      embed = self._encode(data)  # [B, T, 1024]
-      post, prior = self._dynamics.observe(embed, data['action'], seed=tools.fold(seed, 1))
-      feat = self._dynamics.get_feat(post)  # [B, T, stoch + deter]
-      likes = {}
-      if has_decoder(c):
-        likes['image'] = tf.reduce_mean(self._decode(feat).log_prob(data['image']))
-      likes['reward'] = tf.reduce_mean(self._reward(feat).log_prob(data['reward']))
-      if c.pcont:
-        pcont_pred = self._pcont(feat)
-        pcont_target = c.discount * data['discount']
-        likes['pcont'] = c.pcont_scale * tf.reduce_mean(pcont_pred.log_prob(pcont_target))
-      prior_dist = self._dynamics.get_dist(prior)
-      post_dist = self._dynamics.get_dist(post)
-      div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
-      if self._replicas > 1:  # Free nats apply to the mean over the whole batch, as on one device.
-        div = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, div)
-      div = tf.maximum(div, c.free_nats)
-      model_loss = c.kl_scale * div - sum(likes.values())
-      if c.representation == 'contrastive':  # Instead of the image term: each step's embedding picks its state.
-        pred = self._cpc(embed)  # q(feat | embed): [B, T, stoch + deter]
-        cpc_loss, cpc_accuracy = tools.contrastive_loss(pred.mean(), pred.stddev(), feat)
-        model_loss += cpc_loss
-
+      model = self._model_loss(data, seed)
     # Behavior: imagine ahead from every posterior state (CEM plans in the policy instead).
-    if has_actor(c):
-      value_tape = tf.GradientTape() if has_value(c) else None
-      with self._actor_opt.tape() as actor_tape:  # The actor's weights only: no RSSM weight gradients in the loop.
-        imag = self._behavior(post, tools.fold(seed, 2), value_tape)
-        actor_loss = -tf.reduce_mean(imag['weights'] * imag['returns'])
-    if has_value(c):
-      with value_tape:
-        value_pred = imag['value_dist'][:-1]
-        target = tf.stop_gradient(imag['returns'])
-        value_loss = -tf.reduce_mean(imag['weights'] * value_pred.log_prob(target))
-
-    model_norm, model_ok, model_grads = self._model_opt(model_tape, model_loss)
-    metrics = dict(model_grad_norm=model_norm, prior_ent=prior_dist.entropy(), post_ent=post_dist.entropy(),
-                   div=div, model_loss=model_loss)
-    grads, ok = dict(model=model_grads), model_ok
-    if has_actor(c):
-      actor_norm, actor_ok, grads['actor'] = self._actor_opt(actor_tape, actor_loss)
-      metrics.update(actor_grad_norm=actor_norm, actor_loss=actor_loss)
-      ok &= actor_ok
-    if has_value(c):
-      value_norm, value_ok, grads['value'] = self._value_opt(value_tape, value_loss)
-      metrics.update(value_grad_norm=value_norm, value_loss=value_loss)
-      ok &= value_ok
-    # 1 when an optimizer skipped its update because of non-finite gradients (not a checkpointed metric).
-    skipped = 1 - tf.cast(ok, tf.float32)
-
-    if has_actor(c):
+    imag, tapes = self._behavior_loss(model['post'], seed)
+    metrics, grads = self._update(dict(tapes, model=model_tape), dict(model=model['loss'], **imag['losses']))
+    metrics.update(prior_ent=model['prior_dist'].entropy(), post_ent=model['post_dist'].entropy(), div=model['div'],
+                   model_loss=model['loss'])
+    if has_actor(self._c):
       # After the updates (automatic control dependencies order the reads): the updated actor's entropy, as the
       # reference computed it in its summaries after the three optimizers ran.
-      metrics['action_ent'] = self._actor(feat).entropy()
-    for name, logprob in likes.items():
+      metrics['action_ent'] = self._actor(model['feat']).entropy()
+    for name, logprob in model['likes'].items():
       metrics[name + '_loss'] = -logprob
-    if c.representation == 'contrastive':
-      metrics.update(cpc_loss=cpc_loss, cpc_accuracy=cpc_accuracy)
-    metrics['nonfinite'] = skipped
+    metrics.update(model['extra'])
     if probe:
-      for opt, opt_grads in grads.items():
-        metrics.update({f'grad/{opt}/{i}': g for i, g in enumerate(opt_grads)})
-      metrics['inter/embed'] = embed
-      metrics.update({f'inter/post_{k}': v for k, v in post.items()})
-      metrics.update({f'inter/prior_{k}': v for k, v in prior.items()})
-      if has_actor(c):
-        names = ('imag_feat', 'lambda_reward', 'lambda_value', 'lambda_pcont', 'lambda_bootstrap')
-        metrics.update({f'inter/{k}': imag[k] for k in names if k in imag})
-        metrics['inter/lambda_returns'] = imag['returns']
+      metrics.update(self._probe_outputs(grads, model, imag))
     return metrics
+
+  def _model_loss(self, data, seed):
+    """The world model's loss on a preprocessed batch (inside the model's tape): a dict with the `loss`, the
+    log-likelihood terms `likes` (image, reward, pcont), the clipped `div`, `embed` [B, T, 1024], `post` and
+    `prior` (dicts of [B, T, ...]), `feat` [B, T, stoch + deter], their distributions, and the variant's `extra`
+    metrics (contrastive: cpc_loss, cpc_accuracy)."""
+    c = self._c
+    embed = self._encode(data)  # [B, T, 1024]
+    post, prior = self._dynamics.observe(embed, data['action'], seed=tools.fold(seed, 1))
+    feat = self._dynamics.get_feat(post)  # [B, T, stoch + deter]
+    likes, extra = {}, {}
+    if has_decoder(c):
+      likes['image'] = tf.reduce_mean(self._decode(feat).log_prob(data['image']))
+    likes['reward'] = tf.reduce_mean(self._reward(feat).log_prob(data['reward']))
+    if c.pcont:
+      pcont_pred = self._pcont(feat)
+      pcont_target = c.discount * data['discount']
+      likes['pcont'] = c.pcont_scale * tf.reduce_mean(pcont_pred.log_prob(pcont_target))
+    prior_dist = self._dynamics.get_dist(prior)
+    post_dist = self._dynamics.get_dist(post)
+    div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+    if self._replicas > 1:  # Free nats apply to the mean over the whole batch, as on one device.
+      div = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, div)
+    div = tf.maximum(div, c.free_nats)
+    loss = c.kl_scale * div - sum(likes.values())
+    if c.representation == 'contrastive':  # Instead of the image term: each step's embedding picks its state.
+      pred = self._cpc(embed)  # q(feat | embed): [B, T, stoch + deter]
+      extra['cpc_loss'], extra['cpc_accuracy'] = tools.contrastive_loss(pred.mean(), pred.stddev(), feat)
+      loss += extra['cpc_loss']
+    return dict(loss=loss, likes=likes, div=div, embed=embed, post=post, prior=prior, feat=feat,
+                prior_dist=prior_dist, post_dist=post_dist, extra=extra)
+
+  def _behavior_loss(self, post, seed):
+    """The actor's and the value's losses on the imagination from `post`: (imag, tapes), imag as _behavior gives
+    it with its `losses` {actor, value} (those the variant has), tapes the optimizers' tapes {actor, value}."""
+    c = self._c
+    imag, tapes = dict(losses={}), {}
+    if has_actor(c):
+      value_tape = tapes['value'] = tf.GradientTape() if has_value(c) else None
+      with self._actor_opt.tape() as tapes['actor']:  # The actor's weights only: no RSSM weight gradients.
+        imag = dict(self._behavior(post, tools.fold(seed, 2), value_tape), losses={})
+        imag['losses']['actor'] = -tf.reduce_mean(imag['weights'] * imag['returns'])
+    if has_value(c):
+      with tapes['value']:
+        value_pred = imag['value_dist'][:-1]
+        target = tf.stop_gradient(imag['returns'])
+        imag['losses']['value'] = -tf.reduce_mean(imag['weights'] * value_pred.log_prob(target))
+    return imag, tapes
+
+  def _update(self, tapes, losses):
+    """Each optimizer's step on its loss ({model, actor, value}: those the variant has), in that order. Returns
+    (metrics, grads): the gradient norms, the actor's and the value's losses and `nonfinite` (1 when an optimizer
+    skipped its update for non-finite gradients; not a checkpointed metric), and each optimizer's gradients before
+    clipping."""
+    metrics, grads, applied = {}, {}, []
+    for name in ('model', 'actor', 'value'):
+      if name in losses:
+        norm, ok, grads[name] = getattr(self, f'_{name}_opt')(tapes[name], losses[name])
+        metrics[f'{name}_grad_norm'] = norm
+        if name != 'model':
+          metrics[f'{name}_loss'] = losses[name]
+        applied.append(ok)
+    metrics['nonfinite'] = 1 - tf.cast(functools.reduce(lambda a, b: a & b, applied), tf.float32)
+    return metrics, grads
+
+  def _probe_outputs(self, grads, model, imag):
+    """train_probe's extra outputs: `grad/<opt>/<i>` and the intermediates `inter/<name>`."""
+    out = {f'grad/{opt}/{i}': g for opt, opt_grads in grads.items() for i, g in enumerate(opt_grads)}
+    out['inter/embed'] = model['embed']
+    out.update({f'inter/post_{k}': v for k, v in model['post'].items()})
+    out.update({f'inter/prior_{k}': v for k, v in model['prior'].items()})
+    if has_actor(self._c):
+      names = ('imag_feat', 'lambda_reward', 'lambda_value', 'lambda_pcont', 'lambda_bootstrap')
+      out.update({f'inter/{k}': imag[k] for k in names if k in imag})
+      out['inter/lambda_returns'] = imag['returns']
+    return out
 
   def _behavior(self, post, seed=None, value_tape=None):
     """Imagines `horizon` steps from every posterior state with the actor. Returns a dict: `imag_feat` [H, N, F]
