@@ -17,7 +17,6 @@ when every output is within tolerance, 1 when one is not or the folder holds no 
 import argparse
 import collections
 import json
-import os
 import pathlib
 import sys
 

@@ -1,5 +1,6 @@
 """Dreamer (Hafner et al., ICLR 2020): config, command line, the agent and the training loop."""
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -98,6 +99,24 @@ def has_decoder(config):
   return config.representation == 'reconstruction'
 
 
+# The dense networks of the variants: attribute -> hidden layers (h0, h1, ...), the output layers after them, and
+# whether a config has the network. _build_model sizes them, _build_variables calls them and checkpoint_names lists
+# their weights from this table.
+Dense = collections.namedtuple('Dense', 'layers outputs built')
+DENSE = dict(
+    _actor=Dense(4, ('hout',), has_actor),
+    _cpc=Dense(3, ('hout', 'hstd'), lambda c: c.representation == 'contrastive'),  # hout < hstd, as sorted.
+    _pcont=Dense(3, ('hout',), lambda c: c.pcont),
+    _reward=Dense(2, ('hout',), lambda c: True),
+    _value=Dense(3, ('hout',), has_value),
+)
+
+
+def dense_layers(name):
+  """The layer names of a DENSE network, e.g. ['h0', 'h1', 'hout'] for the reward head."""
+  return [f'h{i}' for i in range(DENSE[name].layers)] + list(DENSE[name].outputs)
+
+
 class Dreamer:
   """The agent: its networks, the policy, the train step (returning metrics) and the checkpoint table. The loop
   that decides when to act, train, log and save is loop.py."""
@@ -117,6 +136,7 @@ class Dreamer:
       self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
       self._metrics = {name: Mean() for name in metric_names(config)}
       self._float = keras.mixed_precision.global_policy().compute_dtype
+      self.has_decoder = has_decoder(config)  # Only then is there an open-loop video (openl).
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
       self._build_model()
       # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 on CPUs (docs/speed.md);
@@ -155,7 +175,9 @@ class Dreamer:
     planned = None  # The return CEM expects of its plan [N]; the actor has none.
     if self._c.behavior == 'cem':  # The plan's first action, the same in training and evaluation (as PlaNet).
       c = self._c
-      action, planned = self._plan(latent, c.cem_horizon, c.cem_candidates, c.cem_topk, c.cem_iterations)
+      action, planned = planning.cross_entropy_method(  # PlaNet's CEM on the learned model.
+          self._dynamics, self._reward, latent, self._actdim, c.cem_horizon, c.cem_candidates, c.cem_topk,
+          c.cem_iterations)
     elif training:
       action = self._actor(self._dynamics.get_feat(latent)).sample()
     else:
@@ -166,11 +188,6 @@ class Dreamer:
       if planned is not None and 'planned_return' in self._metrics:
         self._metrics['planned_return'].update_state(planned)
     return action, (latent, action)
-
-  def _plan(self, latent, horizon, candidates, topk, iterations):
-    """PlaNet's CEM on the learned model from `latent` [N, ...]: (first action [N, A], planned return [N])."""
-    return planning.cross_entropy_method(
-        self._dynamics, self._reward, latent, self._actdim, horizon, candidates, topk, iterations)
 
   def _expl_amount(self, training, step):
     if not training:
@@ -387,19 +404,21 @@ class Dreamer:
     if has_decoder(c):
       self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode')
       model_modules.append(self._decode)
-    if c.representation == 'contrastive':
-      self._cpc = models.StateModel(c.stoch_size + c.deter_size, 3, c.num_units, c.dense_act, name='cpc')
+    layers = {name: spec.layers for name, spec in DENSE.items() if spec.built(c)}
+    if '_cpc' in layers:
+      self._cpc = models.StateModel(c.stoch_size + c.deter_size, layers['_cpc'], c.num_units, c.dense_act,
+                                    name='cpc')
       model_modules.append(self._cpc)
-    self._reward = models.DenseDecoder((), 2, c.num_units, act=c.dense_act, name='reward')
+    self._reward = models.DenseDecoder((), layers['_reward'], c.num_units, act=c.dense_act, name='reward')
     model_modules.append(self._reward)
-    if c.pcont:
-      self._pcont = models.DenseDecoder((), 3, c.num_units, 'binary', act=c.dense_act, name='pcont')
+    if '_pcont' in layers:
+      self._pcont = models.DenseDecoder((), layers['_pcont'], c.num_units, 'binary', act=c.dense_act, name='pcont')
       model_modules.append(self._pcont)
-    if has_value(c):
-      self._value = models.DenseDecoder((), 3, c.num_units, act=c.dense_act, name='value')
-    if has_actor(c):
-      self._actor = models.ActionDecoder(
-          self._actdim, 4, c.num_units, c.action_dist, init_std=c.action_init_std, act=c.dense_act, name='actor')
+    if '_value' in layers:
+      self._value = models.DenseDecoder((), layers['_value'], c.num_units, act=c.dense_act, name='value')
+    if '_actor' in layers:
+      self._actor = models.ActionDecoder(self._actdim, layers['_actor'], c.num_units, c.action_dist,
+                                         init_std=c.action_init_std, act=c.dense_act, name='actor')
     loss_scale = self._float == 'float16'
     Optimizer = functools.partial(
         tools.Optimizer, wd=c.weight_decay, clip=c.grad_clip, wdpattern=c.weight_decay_pattern,
@@ -421,13 +440,11 @@ class Dreamer:
     embed = self._encode({'image': tf.zeros((1, 2, 64, 64, 3))})
     post, _ = self._dynamics.observe(embed, tf.zeros((1, 2, self._actdim)))
     feat = self._dynamics.get_feat(post)
-    c = self._c
-    for name, built in (('_decode', has_decoder(c)), ('_reward', True), ('_value', has_value(c)),
-                        ('_actor', has_actor(c)), ('_pcont', c.pcont)):
-      if built:
-        getattr(self, name)(feat)
-    if c.representation == 'contrastive':
-      self._cpc(embed)
+    if has_decoder(self._c):
+      self._decode(feat)
+    for name, spec in DENSE.items():
+      if spec.built(self._c):
+        getattr(self, name)(embed if name == '_cpc' else feat)  # The state model reads the embedding.
 
   # Checkpoints ------------------------------------------------------------------------------------------------------
 
@@ -492,7 +509,10 @@ class Dreamer:
 
   def openl(self, data):
     """The open-loop video of `data` (numpy [6, T, 3 * 64, 64, 3] in [0, 1]); under a strategy, of the first
-    replica's part of the batch."""
+    replica's part of the batch. Only an agent with an image decoder has one (`has_decoder`)."""
+    if not self.has_decoder:
+      raise ValueError(f'--representation {self._c.representation} trains no image decoder, so the agent has no '
+                       'open-loop video.')
     data = self._strategy.experimental_local_results(data)[0]
     return self._openl(data).numpy()
 
@@ -524,11 +544,8 @@ def checkpoint_names(config):
   networks take the places their attribute names give them: `_cpc` after `_actor` (and `_actor_opt`, `_c`),
   before `_decode`; a missing network is left out."""
   dense = lambda module, layers: [f'{module}/{layer}/{w}' for layer in layers for w in ('kernel', 'bias')]
-  names = ['_step']
-  if has_actor(config):
-    names += dense('_actor', ['h0', 'h1', 'h2', 'h3', 'hout'])
-  if config.representation == 'contrastive':
-    names += dense('_cpc', ['h0', 'h1', 'h2', 'hout', 'hstd'])  # hout < hstd by name, as the traversal sorts.
+  head = lambda name: dense(name, dense_layers(name)) if DENSE[name].built(config) else []
+  names = ['_step'] + head('_actor') + head('_cpc')
   if has_decoder(config):
     names += dense('_decode', ['h1', 'h2', 'h3', 'h4', 'h5'])
   names += [f'_dynamics/_cell/{w}' for w in ('kernel', 'recurrent_kernel', 'bias')]
@@ -536,12 +553,7 @@ def checkpoint_names(config):
   names += dense('_encode', ['h1', 'h2', 'h3', 'h4'])
   names += [f'_metrics/{name}/{part}' for name in metric_names(config) for part in ('total', 'count')]
   # The reward and pcont heads are reached through the model optimizer, which sorts before them.
-  names += dense('_reward', ['h0', 'h1', 'hout'])
-  if config.pcont:
-    names += dense('_pcont', ['h0', 'h1', 'h2', 'hout'])
-  if has_value(config):
-    names += dense('_value', ['h0', 'h1', 'h2', 'hout'])
-  return names
+  return names + head('_reward') + head('_pcont') + head('_value')
 
 
 # The flags that add or remove checkpoint entries, and the values that give each structure.
@@ -725,14 +737,10 @@ def main(config):
   if device == 'CPU':
     print(f'CPU: {runtime.describe_cpu()}.')
   check_replicas(config, strategy.num_replicas_in_sync)  # Before any environment starts.
-  worker = worker_index(strategy)
   if strategy.num_replicas_in_sync > 1:
     print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '
           f'{config.batch_size // strategy.num_replicas_in_sync} of the {config.batch_size} sequences of a batch.')
-  checkpoint = pathlib.Path(config.checkpoint).expanduser() if config.checkpoint else None
-  if checkpoint or config.eval_only:
-    checkpoint = checkpoint or config.logdir / 'variables.pkl'
-    tools.read_checkpoint(checkpoint)  # A missing, truncated or unsafe file stops here, before any environment.
+  checkpoint = resolve_checkpoint(config)
   if config.eval_only:
     return evaluate(config, checkpoint)
   if config.benchmark:
@@ -740,12 +748,33 @@ def main(config):
     result = benchmark.run(config, lambda actspace, c=config: Dreamer(c, actspace, strategy),
                            lambda datadir: make_dataset(datadir, config, strategy), make_env, policy, PROCESS_START)
     return benchmark.report(result, config.logdir)
+  return train(config, strategy, checkpoint)
+
+
+def resolve_checkpoint(config):
+  """The one place that decides which variables.pkl a run loads: --checkpoint, else the logdir's own (a resumed
+  run; --eval_only needs one), else None (a new agent). The file is read once here, so that a missing, truncated or
+  unsafe one stops before any environment starts."""
+  if config.checkpoint:
+    checkpoint = pathlib.Path(config.checkpoint).expanduser()
+  else:
+    checkpoint = config.logdir / 'variables.pkl'
+    if not checkpoint.exists() and not config.eval_only:
+      return None
+  tools.read_checkpoint(checkpoint)
+  return checkpoint
+
+
+def train(config, strategy, checkpoint):
+  """Checks the logdir against the flags, starts the environments and runs the training loop (loop.train)."""
   datadir = config.logdir / 'episodes'
-  flags.check_resume(config, bool(tools.count_episodes(datadir)[0]) or (config.logdir / 'variables.pkl').exists())
-  if config.prefill <= 0 and not tools.count_episodes(datadir)[0]:
+  stored = tools.count_episodes(datadir)[0]
+  flags.check_resume(config, bool(stored) or (config.logdir / 'variables.pkl').exists())
+  if config.prefill <= 0 and not stored:
     raise UserError(f'--prefill {config.prefill}: the replay in {datadir} is empty, so the agent has nothing to '
                     'learn from; use a positive --prefill.')
   writer = tf.summary.create_file_writer(str(config.logdir), max_queue=1000, flush_millis=20000)
+  worker = worker_index(strategy)
   train_envs, test_envs = [], []
   try:
     for i in range(config.envs):

@@ -308,7 +308,8 @@ def check_variant(config):
     if config.cem_topk > config.cem_candidates:
       raise UserError(f'--cem_topk {config.cem_topk} is more than --cem_candidates {config.cem_candidates}; CEM '
                       'refits to the topk best candidates, so use a --cem_topk of at most --cem_candidates.')
-    # planning.check_actions says the same (tests/test_flags.py checks they agree); it imports TensorFlow.
+    # The paper's code planned with CEM only in continuous control (its `planet` and `cem` settings have no
+    # discrete variant; the Atari and DMLab runs used the actor), and clipped Normal samples are no one-hot actions.
     if config.action_dist != 'tanh_normal':
       raise UserError(f'--behavior cem needs continuous actions (--action_dist tanh_normal, not '
                       f'{config.action_dist}): the paper planned with CEM in continuous control only; use '

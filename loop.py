@@ -137,8 +137,8 @@ class Trainer:
     self._should_log = tools.Every(config.log_every)
     self._should_video = tools.Every(config.video_every)
     # The open-loop video shows the decoder's predictions: variants without a decoder have none.
-    self._openl = config.log_images and config.batch_length > 5 and config.representation == 'reconstruction'
-    if config.log_images and not self._openl and config.representation != 'reconstruction':
+    self._openl = config.log_images and config.batch_length > 5 and agent.has_decoder
+    if config.log_images and not agent.has_decoder:
       print(f'Note: --representation {config.representation} trains no image decoder, so no agent/openl video '
             'is written.')
     self._updates = seeds.first_update(counter.step)
@@ -205,7 +205,9 @@ def random_policy(actspace):
 
 
 def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writer, checkpoint=None):
-  """Prefill, build, resume and the evaluate / collect / save rounds until --steps env steps are stored."""
+  """Prefill, build, resume and the evaluate / collect / save rounds until --steps env steps are stored. `agent`
+  and `dataset` make the agent and its batches once the prefill is done; `checkpoint` is the variables.pkl to load
+  (dreamer.resolve_checkpoint), None for a new agent."""
   counter = Counter(datadir, config.action_repeat)
   logger = Logger(config.logdir, writer, config.steps, config.video_every, config.video_frames)
 
@@ -213,16 +215,7 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
     tools.save_episodes(datadir, [episode])
     counter.add_episode(episode)
     logger.episode(episode, 'train', counter)
-  on_test = lambda episode: logger.episode(episode, 'test', counter)
-
-  prefill = max(0, config.prefill - counter.stored)
-  print(f'Prefill dataset with {prefill} steps.')
-  with progress_bar(prefill, 'Prefill', 'env step') as bar:
-    def on_prefill(episode):
-      on_train(episode)
-      bar.update((len(episode['reward']) - 1) * config.action_repeat)
-    tools.simulate(random_policy(actspace), train_envs, prefill / config.action_repeat,
-                   on_episode=on_prefill)
+  prefill(config, train_envs, actspace, counter, on_train)
   logger.flush()
   counter.step = counter.stored  # The agent starts from the steps stored (as the reference's count_steps).
 
@@ -230,13 +223,11 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
   agent, dataset = agent(), dataset()
   trainer = Trainer(agent, dataset, config, counter, logger)
   trainer.build()
-  own = config.logdir / 'variables.pkl'
-  if checkpoint is None and own.exists():
-    checkpoint = own
   if checkpoint:
     print(f'Load checkpoint {checkpoint}.')
     agent.load(checkpoint)  # The step counter stays the one of the episodes on disk.
     trainer.loaded(pretrain_owed(config, checkpoint))
+  on_test = lambda episode: logger.episode(episode, 'test', counter)
   state = None
   try:
     while counter.stored < config.steps:
@@ -249,8 +240,19 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
       save(config, agent, trainer, counter)
   except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
     save(config, agent, trainer, counter)
-    print(f'Interrupted; saved {own}.', file=sys.stderr)
+    print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
     raise
+
+
+def prefill(config, envs, actspace, counter, on_episode):
+  """Random actions until the episodes on disk hold --prefill env steps (a resumed run only tops up)."""
+  steps = max(0, config.prefill - counter.stored)
+  print(f'Prefill dataset with {steps} steps.')
+  with progress_bar(steps, 'Prefill', 'env step') as bar:
+    def on_prefill(episode):
+      on_episode(episode)
+      bar.update((len(episode['reward']) - 1) * config.action_repeat)
+    tools.simulate(random_policy(actspace), envs, steps / config.action_repeat, on_episode=on_prefill)
 
 
 # The pretraining round's progress, beside a variables.pkl saved inside that round (a stop). variables.pkl keeps

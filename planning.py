@@ -14,16 +14,6 @@ import tensorflow as tf
 import tools
 
 
-def check_actions(action_dist):
-  """Raises for discrete actions: the paper's code planned with CEM only in continuous control (its `planet` and
-  `cem` settings have no discrete variant; the Atari and DMLab runs used the actor), and clipped Normal samples
-  are no one-hot actions."""
-  if action_dist != 'tanh_normal':
-    raise ValueError(
-        f'CEM planning needs continuous actions (--action_dist tanh_normal), not {action_dist}: the paper planned '
-        f'with CEM in continuous control only. Use the actor for discrete actions.')
-
-
 def cross_entropy_method(dynamics, reward, state, action_size, horizon=12, candidates=1000, topk=100,
                          iterations=10, seed=None, min_action=-1.0, max_action=1.0):
   """Plans from a batch of latent states and returns (action [N, A], planned_return [N]), float32.

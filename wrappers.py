@@ -389,14 +389,13 @@ class TimeLimit(Wrapper):
 
 
 class Collect(Wrapper):
-  """Records the episode; when it ends, passes it to the callbacks and returns it in `info['episode']`.
+  """Records the episode; when it ends, returns it in `info['episode']`.
 
   Values are stored in the reference's on-disk dtypes: floats as float16 when precision is 16 (its default).
   """
 
-  def __init__(self, env, callbacks=None, precision=32):
+  def __init__(self, env, precision=32):
     super().__init__(env)
-    self._callbacks = callbacks or ()
     self._precision = precision
     self._episode = None
 
@@ -412,8 +411,6 @@ class Collect(Wrapper):
       episode = {k: [t[k] for t in self._episode] for k in self._episode[0]}
       episode = {k: self._convert(v) for k, v in episode.items()}
       info['episode'] = episode
-      for callback in self._callbacks:
-        callback(episode)
     return obs, reward, done, info
 
   def reset(self):
@@ -475,7 +472,7 @@ def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, si
     raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "
                     "(e.g. dmc_walker_walk).")
   env = TimeLimit(env, time_limit / action_repeat)
-  env = Collect(env, None, precision)
+  env = Collect(env, precision)
   env = RewardObs(env)
   return env
 

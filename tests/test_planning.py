@@ -120,13 +120,6 @@ def test_planned_return_is_the_models_return_of_the_best_sequence():
   np.testing.assert_allclose(action.numpy(), candidates[np.arange(N), best, 0], atol=1e-6)
 
 
-def test_discrete_actions_are_refused():
-  planning.check_actions('tanh_normal')
-  for dist in ('onehot', 'onehot_score'):
-    with pytest.raises(ValueError, match='continuous actions'):
-      planning.check_actions(dist)
-
-
 def test_topk_larger_than_candidates_is_refused():
   with pytest.raises(ValueError, match='topk'):
     planning.cross_entropy_method(

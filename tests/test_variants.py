@@ -45,6 +45,10 @@ def test_each_variant_builds_only_its_networks_and_saves_them_all(variant, tmp_p
   agent = build_agent(['--preset', 'debug', *argv], WALKER_ACTIONS)
   for name in NETWORKS:
     assert hasattr(agent, name) == (name in networks), name
+  assert agent.has_decoder == ('_decode' in networks)
+  if not agent.has_decoder:  # No decoder, no open-loop video: openl says so instead of failing somewhere inside.
+    with pytest.raises(ValueError, match=f'--representation {agent._c.representation} trains no image decoder'):
+      agent.openl({})
   assert hasattr(agent, '_value_opt') == ('_value' in networks) and hasattr(agent, '_actor_opt') == (
       '_actor' in networks)
   assert set(dreamer.metric_names(agent._c)) == MODEL | metrics
@@ -81,18 +85,14 @@ def test_a_variants_checkpoint_in_the_default_agent_names_the_flag(variant, hint
     agent.load(tmp_path / 'variables.pkl')
 
 
-def test_nstep_defaults_to_the_horizon_and_cem_check_agrees_with_planning():
+def test_nstep_defaults_to_the_horizon_and_cem_needs_continuous_actions():
   assert flags.parse_args(['--horizon', '7']).nstep == 7
   assert flags.parse_args(['--preset', 'debug']).nstep == 3
   assert flags.parse_args(['--nstep', '2', '--horizon', '7']).nstep == 2
-  for dist in flags.BY_NAME['action_dist'].choices:
-    config = flags.parse_args(['--behavior', 'cem', '--action_dist', dist])
-    try:
-      planning.check_actions(dist)
-      flags.check_variant(config)
-    except ValueError:
-      with pytest.raises(flags.UserError):
-        flags.check_variant(config)
+  flags.check_variant(flags.parse_args(['--behavior', 'cem']))
+  for dist in ('onehot', 'onehot_score'):
+    with pytest.raises(flags.UserError, match=f'--behavior cem needs continuous actions .*not {dist}'):
+      flags.check_variant(flags.parse_args(['--behavior', 'cem', '--action_dist', dist, '--expl', 'epsilon_greedy']))
 
 
 def test_resume_refuses_another_variant(tmp_path):
