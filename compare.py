@@ -1,6 +1,6 @@
 """Checks the port against references the original code wrote.
 
-Two kinds of reference folders (see ../shared/reference/ and tests/data/):
+Two kinds of reference folders (tests/data/reference/ and tests/data/train_step/; its README gives the protocol):
 - forward outputs: `variables.pkl`, `config.json` and `refs.npz` (fixed inputs `in/*` and the reference networks'
   deterministic outputs `out/*`). The port loads the checkpoint and recomputes every `out/*` array.
 - one train step: `refs_train.npz` (a batch `in/batch_*` and the original's noise-free train step on it: metrics,
@@ -158,7 +158,7 @@ def compare_forward(directory):
   return forward_rows(*run_forward(directory))
 
 
-# Train-step tolerances, from ../shared/reference/train_step/README.md (15-25x the reference's own spread between
+# Train-step tolerances, from tests/data/train_step/README.md (15-25x the reference's own spread between
 # oneDNN on and off, one thread and two).
 METRIC_TOLERANCE = 1e-5  # abs diff <= 1e-5 * max(1, abs(ref)); grad norms: 1e-4 relative.
 NORM_TOLERANCE = 1e-4

@@ -1,4 +1,6 @@
-"""Dreamer (Hafner et al., ICLR 2020): config, command line, the agent and the training loop."""
+"""Dreamer (Hafner et al., ICLR 2020): the command (`define_config` and parsing from flags.py, `main`), the agent
+`Dreamer`, its data (`preprocess`, `load_dataset`), environments (`make_env`), precision and devices. The training
+loop that schedules, logs and checkpoints is loop.py."""
 
 import collections
 import contextlib

@@ -13,7 +13,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 import tqdm
 

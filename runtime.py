@@ -2,7 +2,7 @@
 
 `configure()` is called first thing by every entry point (dreamer.py, compare.py, the tests' conftest.py):
 - TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++ logging (CUDA probing on machines without a GPU) is silenced.
-- MUJOCO_GL=egl: headless rendering (see PORTING.md: osmesa is missing here).
+- MUJOCO_GL=egl: headless rendering (osmesa's library is missing on the machines this was made on).
 - TF_ENABLE_ONEDNN_OPTS=1 on x86: TensorFlow 2.21 turns its oneDNN kernels on by default only on CPUs with
   AVX-512 (VNNI/BF16) or AMX; on an AVX2 CPU it leaves them off, and the paper's train step then takes twice as
   long (14.0 s against 7.3 s on 2 cores of an AMD EPYC with AVX2, docs/speed.md). Where TensorFlow turns them on

@@ -1,5 +1,5 @@
-"""Helpers: config parsing, scans and returns, distributions, the optimizer, episodes on disk, simulation,
-summaries and checkpoint files."""
+"""Helpers: scans and returns, distributions, the optimizer, episodes on disk, simulation, summaries, schedules and
+checkpoint files."""
 
 import collections
 import contextlib

@@ -7,7 +7,6 @@ module. Each wrapper owns one concern and works with the old-style gym API the r
 """
 
 import os
-import pickle
 import signal
 import socket
 import subprocess

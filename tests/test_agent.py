@@ -14,7 +14,7 @@ from gymnasium import spaces
 import dreamer
 import loop
 import tools
-from conftest import build_agent
+from helpers import build_agent
 
 BOX = spaces.Box(-1, 1, (3,))
 N = 4000  # Environment rows of one policy call for the statistics.

@@ -4,13 +4,8 @@ The emulator does not render through GL, so the Atari class runs in this process
 `wrappers.Async`, the worker path the agent uses. All tests use the ROMs that ale-py ships (pong, breakout).
 """
 
-import os
 import pickle
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import numpy as np
 import pytest
@@ -18,7 +13,7 @@ from gymnasium import spaces
 from PIL import Image
 
 import wrappers
-from conftest import run_cli, run_dreamer as _run_dreamer
+from helpers import run_cli, run_dreamer as _run_dreamer
 
 PONG = dict(task='atari_pong', action_repeat=4, time_limit=200, precision=16, seed=0)  # 50 agent steps.
 NATIVE = (210, 160)  # ALE screen (height, width).

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import benchmark
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_graph_flops_counts_convolutions_their_gradients_and_matmuls():

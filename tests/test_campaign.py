@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import campaign
-from conftest import ROOT
+from helpers import ROOT
 
 TINY = 'tiny=--preset debug --precision 32'
 

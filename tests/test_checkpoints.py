@@ -6,18 +6,15 @@ import os
 import pathlib
 import pickle
 import re
-import sys
 
 import numpy as np
 import pytest
 from gymnasium import spaces
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import compare  # noqa: E402
-import tools  # noqa: E402
-from conftest import DATA, WALKER, build_agent as build, read_order, resolve, run_cli  # noqa: E402
+import compare
+import tools
+from helpers import DATA, WALKER, build_agent as build, read_order, resolve, run_cli
 
 
 def reference_dirs():

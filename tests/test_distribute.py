@@ -3,7 +3,6 @@ processes on loopback make the same updates as one device (same global batch, sa
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -11,13 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import benchmark  # noqa: E402
-import compare  # noqa: E402
-import flags  # noqa: E402
-from conftest import TINY, run_cli, run_dreamer as run  # noqa: E402
+import benchmark
+import compare
+import flags
+from helpers import ROOT, TINY, run_cli, run_dreamer as run
 
 pytestmark = pytest.mark.e2e  # Real train steps by the dozen, in several processes: slow.
 
@@ -144,8 +141,8 @@ def assert_nan_step_skipped(one, many):
   """Step 1 was skipped on one device and by both replicas, and the weights stayed finite (the metrics did average
   the NaN loss)."""
   column = list(one['metric_names']).index('nonfinite')
-  for run in (one, many):
-    assert run['metrics'][1, column] == 1, run['metrics'][:, column]
+  for result in (one, many):
+    assert result['metrics'][1, column] == 1, result['metrics'][:, column]
   for index, name in enumerate(one['names']):
     if not name.startswith('_metrics'):
       assert np.all(np.isfinite(many[f'w{index}'])), name

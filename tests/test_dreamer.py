@@ -2,18 +2,14 @@
 task with tiny sizes, its files, resuming, and bad input."""
 
 import json
-import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import tools  # noqa: E402
-from conftest import TINY, run_cli, run_dreamer as run  # noqa: E402
+import tools
+from helpers import TINY, run_cli, run_dreamer as run
 
 
 def read_metrics(logdir):

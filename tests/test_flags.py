@@ -9,7 +9,7 @@ import pytest
 
 import flags
 import models
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_readme_flags_table_is_the_source():

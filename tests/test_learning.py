@@ -1,20 +1,16 @@
 """Learning: on a fixed batch of real walker episodes, the world model's loss falls and the trained actor earns a
 higher imagined return than its initial weights did."""
 
-import pathlib
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import dreamer  # noqa: E402
-import tools  # noqa: E402
-import wrappers  # noqa: E402
+import dreamer
+import tools
+import wrappers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group('learning')]  # Two seeds x 60 real train steps: slow;
 # both use the module's episodes, rendered once.

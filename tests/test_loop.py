@@ -8,12 +8,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from gymnasium import spaces
 
 import dreamer
 import loop
 import tools
-from conftest import fake_episodes
+from helpers import tiny_agent
 
 
 def gifs(logdir):
@@ -46,17 +45,9 @@ def test_test_videos_are_bounded_in_frames_and_spaced_by_video_every(tmp_path):
 
 @pytest.fixture
 def tiny(tmp_path):
-  """A tiny real agent, its dataset over three episode files and its config (float32)."""
-  fake_episodes(tmp_path / 'episodes', 3)
-  def make(*argv):
-    config = dreamer.parse_args([
-        '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
-        '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
-        '--train_steps', '2', '--pretrain', '5', '--train_every', '10', '--log_every', '10', *argv])
-    dreamer.setup(config)
-    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
-    return agent, dreamer.make_dataset(tmp_path / 'episodes', config, tf.distribute.get_strategy()), config
-  yield make
+  """Makes a tiny real agent (helpers.tiny_agent) that trains 5 updates first, then 2 every 10 env steps."""
+  yield lambda *argv: tiny_agent(tmp_path, '--train_steps', '2', '--pretrain', '5', '--train_every', '10',
+                                 '--log_every', '10', *argv)
   keras.mixed_precision.set_global_policy('float32')
 
 

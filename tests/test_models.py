@@ -188,7 +188,7 @@ def test_rssm_img_step_and_obs_step(precision):
 
 
 def test_rssm_steps_by_hand(precision):
-  """img_step and obs_step wired as in SPEC 2, recomputed in numpy (float64) from the layers' weights."""
+  """img_step and obs_step wired as the reference wires them, recomputed in numpy (float64) from the layers' weights."""
   dtype = compute_dtype(precision)
   model = rssm()
   prev = random_state(B, dtype)
@@ -440,7 +440,7 @@ def test_sample_dist_mode_with_two_batch_dims_has_batch_shape():
 def test_sample_dist_mode_is_most_likely_sample_per_row():
   """SOURCE BUG (also in the reference): mode() takes, for EVERY batch row, the sample index that is best for row 0
   (`tf.gather(sample, argmax)[0]`), so rows other than 0 get an arbitrary sample instead of their own highest-log-prob
-  sample out of 100. SPEC: 'mode = the sample of highest log-prob'."""
+  sample out of 100: the mode is the sample of highest log-prob, as in the reference."""
   tf.random.set_seed(1)
   rows = 8
   loc = tf.constant(np.linspace(-1.0, 1.0, rows)[:, None] * np.ones((1, ACT)), tf.float32)

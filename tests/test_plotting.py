@@ -2,16 +2,13 @@
 
 import csv
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import plotting  # noqa: E402
+import plotting
+from helpers import ROOT
 
 
 def write_run(indir, task, method, seed, points, evaluation=None, junk=False):

@@ -1,19 +1,13 @@
 """Each dtype policy trains: float32, mixed_bfloat16 (CPU default) and mixed_float16 with loss scaling (GPU)."""
 
-import pathlib
-import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 import pytest
-from gymnasium import spaces
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import dreamer  # noqa: E402
-from conftest import fake_episodes  # noqa: E402
+import dreamer
+from helpers import fake_episodes, tiny_agent
 
 
 @pytest.fixture(scope='module')
@@ -25,13 +19,10 @@ def datadir(tmp_path_factory):
 
 def train(datadir, tmp_path, policy, monkeypatch, steps=3):
   monkeypatch.setattr(dreamer, 'resolve_precision', lambda config: policy)
-  config = dreamer.parse_args([
-      '--logdir', str(tmp_path), '--precision', '16', '--batch_size', '3', '--batch_length', '8',
-      '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3'])
-  assert dreamer.setup(config) == policy
   try:
-    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
-    data = next(dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()))
+    agent, dataset, _ = tiny_agent(tmp_path, '--precision', '16', '--batch_size', '3', datadir=datadir)
+    assert keras.mixed_precision.global_policy().name == policy  # As setup set it.
+    data = next(dataset)
     agent.train(data, [0, 0])  # The loop's build step.
     metrics = [{k: float(np.mean(v)) for k, v in agent.train(data, [0, i]).items()} for i in range(1, steps + 1)]
     return agent, metrics

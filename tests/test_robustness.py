@@ -1,37 +1,24 @@
 """Crash-safe runs: kill -9 and restart, Ctrl-C/SIGTERM, non-finite steps, bounded replay, changed flags."""
 
 import json
-import pathlib
 import re
 import signal
-import sys
 import time
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from gymnasium import spaces
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import dreamer  # noqa: E402
-import loop  # noqa: E402
-import tools  # noqa: E402
-from conftest import TINY, fake_episodes, run_cli, start_dreamer  # noqa: E402
+import dreamer
+import loop
+import tools
+from helpers import TINY, fake_episodes, run_cli, start_dreamer, tiny_agent
 
 
 @pytest.fixture
 def agent(tmp_path):
-  fake_episodes(tmp_path / 'episodes', 3)
-  config = dreamer.parse_args([
-      '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
-      '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
-      '--train_steps', '3', '--pretrain', '3', '--train_every', '10'])
-  dreamer.setup(config)
-  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
-  yield agent, dreamer.make_dataset(tmp_path / 'episodes', config, tf.distribute.get_strategy()), config
+  yield tiny_agent(tmp_path, '--train_steps', '3', '--pretrain', '3', '--train_every', '10')
   keras.mixed_precision.set_global_policy('float32')
 
 
@@ -218,16 +205,10 @@ def test_stopped_inside_the_pretraining_round_the_run_resumes_it(tmp_path):
 
 
 def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):
-  fake_episodes(tmp_path / 'episodes', 3)
   kernels = {}
   for wd in (0.0, 0.5):
-    config = dreamer.parse_args([
-        '--logdir', str(tmp_path), '--precision', '32', '--batch_size', '2', '--batch_length', '8',
-        '--deter_size', '16', '--stoch_size', '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3',
-        '--weight_decay', str(wd), '--weight_decay_pattern', r'^model/encode/h1/kernel$'])
-    dreamer.setup(config)
-    agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
-    dataset = iter(dreamer.load_dataset(tmp_path / 'episodes', config))
+    agent, dataset, _ = tiny_agent(tmp_path, '--weight_decay', str(wd), '--weight_decay_pattern',
+                                   r'^model/encode/h1/kernel$')
     before = agent._encode.h1.kernel.numpy().copy()
     agent.train(next(dataset), [0, 1])
     kernels[wd] = (before, agent._encode.h1.kernel.numpy(), agent._encode.h2.kernel.numpy())

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import runtime
-from conftest import ROOT
+from helpers import ROOT
 
 PROBE = ('import os, runtime; runtime.configure(); '
          'print(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), runtime.onednn_source, os.environ["MUJOCO_GL"])')

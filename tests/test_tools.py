@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tools
-from conftest import WALKER, read_order
+from helpers import WALKER, read_order
 
 EPISODE_NAME = re.compile(r'^\d{8}T\d{6}-[0-9a-f]{32}-(\d+)\.npz$')
 

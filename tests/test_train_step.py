@@ -15,7 +15,6 @@ import tensorflow as tf
 from tensorflow_probability import distributions as tfd
 
 import compare
-import dreamer
 import tools
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'

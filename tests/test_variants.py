@@ -10,9 +10,8 @@ from gymnasium import spaces
 
 import dreamer
 import flags
-import planning
 import tools
-from conftest import build_agent, resolve, run_cli
+from helpers import build_agent, resolve, run_cli
 
 WALKER_ACTIONS = spaces.Box(-1, 1, (6,))
 
