@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
@@ -200,8 +201,7 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
       result['op_ms_by_kind'], result['op_ms_by_part'] = by_kind, by_part
     except Exception as e:  # The profile is extra information; the measurements stand without it.
       print(f'No op profile: {e}')
-    compute = tf.bfloat16 if 'bfloat16' in policy_name else tf.float16 if 'float16' in policy_name else tf.float32
-    result['peak_gflops'] = peak_gflops(compute)
+    result['peak_gflops'] = peak_gflops(tf.as_dtype(keras.mixed_precision.Policy(policy_name).compute_dtype))
 
     # Policy step: one observation, the training policy (sample + exploration), as in collection. The machine's
     # speed drifts within minutes, so the policy graph the flags choose is timed in turns with the other one (XLA
