@@ -50,6 +50,17 @@ def _size(shape):
   return int(np.prod([int(d) for d in shape]))
 
 
+def graph_ops(graph):
+  """The ops of a traced function that run, a loop's body and condition counted once (not per iteration): what the
+  executor schedules and what a tidy-up of the Python code must leave unchanged."""
+  count = 0
+  for op in _live_ops(graph):
+    count += 1
+    if op.type in ('While', 'StatelessWhile'):
+      count += sum(graph_ops(graph._get_function(op.get_attr(part).name).graph) for part in ('body', 'cond'))
+  return count
+
+
 def graph_flops(graph):
   """FLOPs of one call of a traced function, by op type. Convolutions count 2 * filter size per output position
   of the forward convolution (also for their gradients and transposed convolutions); other ops use TF's
@@ -192,7 +203,9 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
       train(next(dataset), update)
       times.append(time.perf_counter() - start)
     result['train_step_s'] = spread(times)
-    flops = graph_flops(agent.train_graph(data[0], seeds.train_step(config.seed, 0)))
+    graph = agent.train_graph(data[0], seeds.train_step(config.seed, 0))
+    flops = graph_flops(graph)
+    result['train_step_ops'] = graph_ops(graph)
     result['gflop_per_train_step'] = sum(flops.values()) / 1e9
     result['gflop_by_op'] = {k: v / 1e9 for k, v in flops.most_common(6)}
     result['achieved_gflops'] = result['gflop_per_train_step'] / result['train_step_s']['median']

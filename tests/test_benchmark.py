@@ -68,7 +68,7 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert data['onednn'] is expected and f"oneDNN {'on' if expected else 'off'}" in data['device'], data['device']
   assert 'AVX' in data['device'], data['device']
   assert data['train_step_s']['n'] >= 5 and 0 < data['train_step_s']['min'] <= data['train_step_s']['median']
-  assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1
+  assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1 and data['train_step_ops'] > 1000
   assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])
   assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
   # The float32 actor's policy is XLA-compiled by default; the plain graph is timed in turns beside it.
