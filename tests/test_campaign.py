@@ -21,7 +21,7 @@ def run_campaign(tmp_path, *argv):
   return result.returncode, result.stdout + result.stderr
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(longest=True)  # Minutes: started first, beside the other longest tests.
 def test_a_campaign_runs_skips_resumes_and_limits(tmp_path):
   argv = ['--tasks', 'dmc_walker_walk', '--methods', TINY, 'limited=--preset debug --precision 32 --steps 5e3',
           '--seeds', '3', '--steps', '150', '--eval_episodes', '2', '--limit', 'limited=auto']
