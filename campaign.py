@@ -106,8 +106,10 @@ def machine_lines(log_text):
 
 
 def lowest_priority():
-  """In the child: nice 19, and the same for its autogroup, through which Linux shares the CPU between sessions
-  first (nice alone does not lower a run started in a session of its own)."""
+  """In the child, a session of its own (so that a Ctrl-C at the terminal reaches the campaign alone, which stops
+  the run once): nice 19, and the same for the session's autogroup, through which Linux shares the CPU between
+  sessions first (nice alone does not lower a run in a session of its own)."""
+  os.setsid()
   os.nice(19)
   try:
     pathlib.Path('/proc/self/autogroup').write_text('19')
@@ -177,15 +179,16 @@ class Run:
       process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority)
       try:
         while True:
+          remaining = None if left is None else max(0.0, left - (time.time() - begin))
           try:
-            code = process.wait(timeout=COPY_EVERY if left is None else min(COPY_EVERY, left))
+            code = process.wait(timeout=COPY_EVERY if remaining is None else min(COPY_EVERY, remaining))
             break
           except subprocess.TimeoutExpired:
             self.update(info, stretch, begin, offset)
             if left is not None and time.time() - begin >= left:
               process.send_signal(signal.SIGTERM)  # Saves the checkpoint; exits with 130.
-              process.wait()
-              code = 0
+              code = process.wait()
+              code = 0 if code == 130 else code
               stretch['stopped'] = f'at the wall-time limit of {limit} s'
               break
       except BaseException:  # Stopped itself (Ctrl-C, SIGTERM): stop the run as a user would, then record.
@@ -275,9 +278,14 @@ def main(argv=None):
         run.copy_small_files()
       continue
     limit = args.limit.get(method)
-    if limit == 'auto':
-      others = [r.info()['seconds'] for r, t, m, s in runs if (t, s) == (task, seed) and m not in args.limit]
-      limit = max(others, default=0.0)
+    if limit == 'auto':  # The finished runs of the other methods at the same task, seed and sweep value.
+      others = [r.info()['seconds'] for r, t, m, s in runs if (t, s) == (task, seed) and m not in args.limit
+                and r.logdir.name == run.logdir.name and r.finished()]
+      if not others:
+        print(f'{run.name}: waits for a finished run of another method to take its wall time (--limit '
+              f'{method}=auto).', flush=True)
+        continue
+      limit = max(others)
     elif limit is not None:
       limit = float(limit)
     print(f'{run.name}: training ({state}) in {run.logdir}.', flush=True)

@@ -469,8 +469,12 @@ class Dreamer:
 
   def save(self, filename, step):
     """Writes variables.pkl with `step` (env steps taken) as its `_step` entry."""
+    tools.write_atomic(filename, self.checkpoint_bytes(step))
+
+  def checkpoint_bytes(self, step):
+    """The bytes of variables.pkl with `step` as its `_step` entry."""
     self._step.assign(step)
-    tools.write_checkpoint(filename, [v.numpy() for _, v in self.checkpoint_table()])
+    return tools.checkpoint_bytes([v.numpy() for _, v in self.checkpoint_table()])
 
   def load(self, filename):
     """Validates the whole file against this agent before assigning anything."""
@@ -742,14 +746,14 @@ def main(config):
   if strategy.num_replicas_in_sync > 1:
     print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '
           f'{config.batch_size // strategy.num_replicas_in_sync} of the {config.batch_size} sequences of a batch.')
-  checkpoint = resolve_checkpoint(config)
-  if config.eval_only:
-    return evaluate(config, checkpoint)
-  if config.benchmark:
+  if config.benchmark:  # Fresh agents on synthetic episodes: no checkpoint is read.
     import benchmark
     result = benchmark.run(config, lambda actspace, c=config: Dreamer(c, actspace, strategy),
                            lambda datadir: make_dataset(datadir, config, strategy), make_env, policy, PROCESS_START)
     return benchmark.report(result, config.logdir)
+  checkpoint = resolve_checkpoint(config)
+  if config.eval_only:
+    return evaluate(config, checkpoint)
   return train(config, strategy, checkpoint)
 
 

@@ -8,6 +8,7 @@ train step on a real batch; then, until --steps: one test episode, --eval_every 
 variables.pkl.
 """
 
+import hashlib
 import json
 import pathlib
 import sys
@@ -254,33 +255,42 @@ def prefill(config, envs, actspace, counter, on_episode):
     tools.simulate(random_policy(actspace), envs, steps / config.action_repeat, on_episode=on_prefill)
 
 
-# The pretraining round's progress, beside a variables.pkl saved inside that round (a stop). variables.pkl keeps
-# the reference's format, which has no place for it; without this file a loaded checkpoint counts as pretrained.
+# The pretraining round's progress, beside a variables.pkl saved inside that round (a stop), with the SHA-256 of
+# the checkpoint it belongs to. variables.pkl keeps the reference's format, which has no place for it; without this
+# file a loaded checkpoint counts as pretrained.
 PRETRAIN_FILE = 'pretrain.json'
 
 
 def save(config, agent, trainer, counter):
-  """Writes variables.pkl, and PRETRAIN_FILE while the pretraining round is unfinished (before the checkpoint, so
-  that no checkpoint from inside the round is ever on disk without it); once the round is done, the file goes
-  after the checkpoint (a stop between the two costs a few extra updates, never the round's rest)."""
+  """Writes variables.pkl, and PRETRAIN_FILE while the pretraining round is unfinished: first the progress with the
+  digest of the checkpoint about to be written, so that no checkpoint from inside the round is ever on disk without
+  it; once the round is done, the file goes after the checkpoint. A stop between the two writes leaves a progress
+  file that names another checkpoint, and the restart pretrains the whole round again (pretrain_owed)."""
   progress = config.logdir / PRETRAIN_FILE
+  data = agent.checkpoint_bytes(counter.step)
   if trainer.pretrain_left is not None:
     done = max(0, config.pretrain - trainer.pretrain_left)
-    tools.write_json(progress, dict(pretrain=config.pretrain, done=done))
+    tools.write_json(progress, dict(pretrain=config.pretrain, done=done, checkpoint=hashlib.sha256(data).hexdigest()))
     print(f'The pretraining round stopped after {done} of its {config.pretrain} updates; the same command '
           f'resumes it.', file=sys.stderr)
-  agent.save(config.logdir / 'variables.pkl', counter.step)
+  tools.write_atomic(config.logdir / 'variables.pkl', data)
   if trainer.pretrain_left is None and progress.exists():
     progress.unlink()
 
 
 def pretrain_owed(config, checkpoint):
   """The updates a loaded checkpoint still owes its pretraining round: the rest of --pretrain when it is the
-  logdir's own, saved inside that round; else none."""
+  logdir's own, saved inside that round; all of it when the progress file names another checkpoint (a stop
+  between writing the two); else none."""
   progress = config.logdir / PRETRAIN_FILE
   if not progress.exists() or pathlib.Path(checkpoint).resolve() != (config.logdir / 'variables.pkl').resolve():
     return 0
-  done = json.loads(progress.read_text())['done']
-  owed = max(0, config.pretrain - done)
-  print(f'The pretraining round was stopped after {done} updates; {owed} of --pretrain {config.pretrain} left.')
+  info = json.loads(progress.read_text())
+  if info.get('checkpoint') != hashlib.sha256(pathlib.Path(checkpoint).read_bytes()).hexdigest():
+    print(f'{progress} belongs to another checkpoint (a stop between writing the two): the pretraining round of '
+          f'{config.pretrain} updates is made again.')
+    return config.pretrain
+  owed = max(0, config.pretrain - info['done'])
+  print(f'The pretraining round was stopped after {info["done"]} updates; {owed} of --pretrain {config.pretrain} '
+        'left.')
   return owed

@@ -581,8 +581,12 @@ def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_b
       if length:
         total = len(next(iter(episode.values())))
         available = total - length
-        if available < 1:
-          continue  # The file name promised more steps than the file holds.
+        if available < 1:  # The file name promised more steps than the file holds: as unreadable.
+          if filename not in unreadable:
+            unreadable.add(filename)
+            print(f'Warning: episode file {filename} holds {total} steps, fewer than its name says; it is '
+                  f'skipped ({len(unreadable)} unreadable).', file=sys.stderr)
+          continue
         if balance:
           index = min(random.randint(0, total), available)
         else:
@@ -745,7 +749,12 @@ def read_checkpoint(filename):
 
 def write_checkpoint(filename, values):
   """Pickles a tuple of arrays (the reference's format) atomically: a crash leaves the previous file whole."""
-  write_atomic(filename, pickle.dumps(tuple(values), protocol=4))
+  write_atomic(filename, checkpoint_bytes(values))
+
+
+def checkpoint_bytes(values):
+  """The bytes of a variables.pkl holding `values`: a pickled tuple of arrays, the reference's format."""
+  return pickle.dumps(tuple(values), protocol=4)
 
 
 def write_json(filename, data):

@@ -1,6 +1,7 @@
 """The training loop's own schedule (loop.py): when videos are written, and what a stop inside the pretraining
 round leaves for the restart. On a real tiny agent, real batches from episode files and real event files."""
 
+import hashlib
 import json
 
 import imageio.v3 as iio
@@ -82,8 +83,9 @@ def test_a_stop_inside_the_pretraining_round_saves_what_it_owes(tiny, tmp_path):
   trainer.pretrain_left = 3  # As a stop after 2 of the 5 updates leaves it.
   loop.save(config, agent, trainer, counter)
   progress = tmp_path / loop.PRETRAIN_FILE
-  assert json.loads(progress.read_text()) == dict(pretrain=5, done=2)
   own = tmp_path / 'variables.pkl'
+  digest = hashlib.sha256(own.read_bytes()).hexdigest()  # The checkpoint the progress belongs to.
+  assert json.loads(progress.read_text()) == dict(pretrain=5, done=2, checkpoint=digest)
   assert loop.pretrain_owed(config, own) == 3
   assert loop.pretrain_owed(dreamer.parse_args(['--logdir', str(tmp_path), '--pretrain', '8']), own) == 6
   assert loop.pretrain_owed(dreamer.parse_args(['--logdir', str(tmp_path), '--pretrain', '1']), own) == 0
@@ -91,6 +93,11 @@ def test_a_stop_inside_the_pretraining_round_saves_what_it_owes(tiny, tmp_path):
   other.parent.mkdir()
   other.write_bytes(own.read_bytes())
   assert loop.pretrain_owed(config, other) == 0
+  # A stop between the two writes: the progress names a checkpoint that never reached the disk, so the checkpoint
+  # on disk is of an unknown point of the round, and the whole round is made again.
+  progress.write_text(json.dumps(dict(pretrain=5, done=4, checkpoint='0' * 64)))
+  assert loop.pretrain_owed(config, own) == 5
+  progress.write_text(json.dumps(dict(pretrain=5, done=2, checkpoint=digest)))
   restarted = loop.Trainer(agent, dataset, config, counter, loop.Logger(tmp_path, None, config.steps))
   restarted.loaded(loop.pretrain_owed(config, own))
   assert restarted.pretrain_left == 3

@@ -1,5 +1,6 @@
 """Crash-safe runs: kill -9 and restart, Ctrl-C/SIGTERM, non-finite steps, bounded replay, changed flags."""
 
+import hashlib
 import json
 import re
 import signal
@@ -190,7 +191,8 @@ def test_stopped_inside_the_pretraining_round_the_run_resumes_it(tmp_path):
   assert match, out[-3000:]
   done = int(match.group(1))
   assert 0 < done < 400, out[-3000:]
-  assert json.loads((logdir / loop.PRETRAIN_FILE).read_text()) == dict(pretrain=400, done=done)
+  digest = hashlib.sha256((logdir / 'variables.pkl').read_bytes()).hexdigest()
+  assert json.loads((logdir / loop.PRETRAIN_FILE).read_text()) == dict(pretrain=400, done=done, checkpoint=digest)
   assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
 
   process = start_dreamer(*argv)

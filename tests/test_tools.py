@@ -504,3 +504,13 @@ def test_encode_gif(channels):
   assert isinstance(data, bytes) and data.startswith(b'GIF8')
   decoded = iio.imread(data, extension='.gif', index=None)
   assert decoded.shape[:3] == (5, 16, 12)
+
+
+def test_load_episodes_with_only_files_shorter_than_their_names_raises(tmp_path, capsys):
+  """A file whose name promises more steps than it holds is skipped with a warning; with nothing else the
+  generator raises instead of drawing forever."""
+  short = tools.save_episodes(tmp_path / 'other', [make_episode(6, 1)])[0]
+  (tmp_path / short.name.replace('-6.npz', '-20.npz')).write_bytes(short.read_bytes())
+  with pytest.raises(tools.NoEpisodesError):
+    next(tools.load_episodes(tmp_path, rescan=3, length=10))
+  assert 'holds 6 steps, fewer than its name says' in capsys.readouterr().err
