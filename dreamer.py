@@ -664,8 +664,8 @@ def make_env(config, prefix, index, worker=0):
   seed = seeds.env(config.seed, prefix, index, worker)
   # With 'train', evaluation plays whole games, so test returns compare with the paper's.
   life_done = config.life_done == 'both' or (config.life_done == 'train' and prefix == 'train')
-  kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit,
-                precision=config.precision, seed=seed, life_done=life_done)
+  kwargs = dict(task=config.task, action_repeat=config.action_repeat, time_limit=config.time_limit, seed=seed,
+                life_done=life_done)
   return wrappers.Async(f'{config.task} {prefix} {index}', kwargs, config.parallel, config.worker_timeout)
 
 
@@ -810,7 +810,7 @@ def evaluate(config, checkpoint):
     print(f'Loaded checkpoint {checkpoint} (step {step}); evaluating {config.eval_episodes} episodes.')
     episodes = []
     def on_episode(episode):
-      episodes.append(episode)
+      episodes.append(tools.stored(episode, config.precision))  # Its return as the training loop logs it.
       print(f'Eval episode {len(episodes)}: return {tools.episode_return(episode):.1f}.')
     policy = lambda obs, reset, state: agent.policy(obs, reset, state, training=False, step=step)
     tools.simulate(policy, envs, episodes=config.eval_episodes, on_episode=on_episode)

@@ -212,6 +212,7 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
   logger = Logger(config.logdir, writer, config.steps, config.video_every, config.video_frames)
 
   def on_train(episode):
+    episode = tools.stored(episode, config.precision)
     tools.save_episodes(datadir, [episode])
     counter.add_episode(episode)
     logger.episode(episode, 'train', counter)
@@ -227,7 +228,7 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
     print(f'Load checkpoint {checkpoint}.')
     agent.load(checkpoint)  # The step counter stays the one of the episodes on disk.
     trainer.loaded(pretrain_owed(config, checkpoint))
-  on_test = lambda episode: logger.episode(episode, 'test', counter)
+  on_test = lambda episode: logger.episode(tools.stored(episode, config.precision), 'test', counter)
   state = None
   try:
     while counter.stored < config.steps:

@@ -517,6 +517,23 @@ def save_episodes(directory, episodes):
   return filenames
 
 
+def stored(episode, precision):
+  """The episode in the reference's on-disk dtypes, chosen here for every episode the main process saves or logs:
+  floats as float16 at --precision 16 (its default) or float32, signed integers as int16 or int32, uint8 images
+  and bools as they are. Each value is converted once from the dtype the environment gave (float64 rewards straight
+  to float16, as the reference's worker did). Logged returns are sums of these stored rewards, as the reference's."""
+  def convert(value):
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.floating):
+      return value.astype({16: np.float16, 32: np.float32}[precision])
+    if np.issubdtype(value.dtype, np.signedinteger):
+      return value.astype({16: np.int16, 32: np.int32}[precision])
+    if value.dtype in (np.uint8, np.bool_):
+      return value
+    raise NotImplementedError(value.dtype)
+  return {k: convert(v) for k, v in episode.items()}
+
+
 def episode_return(episode):
   """Sum of an episode's rewards, accumulated in float64 (stored rewards may be float16)."""
   return float(episode['reward'].astype(np.float64).sum())

@@ -388,53 +388,32 @@ class TimeLimit(Wrapper):
 
 
 class Collect(Wrapper):
-  """Records the episode; when it ends, returns it in `info['episode']`.
+  """Records the episode; when it ends, returns it in `info['episode']`, each value an array of the dtype the
+  environment gave (the main process chooses the on-disk dtypes where it saves episodes: tools.stored)."""
 
-  Values are stored in the reference's on-disk dtypes: floats as float16 when precision is 16 (its default).
-  """
-
-  def __init__(self, env, precision=32):
+  def __init__(self, env):
     super().__init__(env)
-    self._precision = precision
     self._episode = None
 
   def step(self, action):
     obs, reward, done, info = self._env.step(action)
-    obs = {k: self._convert(v) for k, v in obs.items()}
     transition = obs.copy()
     transition['action'] = action
     transition['reward'] = reward
     transition['discount'] = info.get('discount', np.array(1 - float(done)))
     self._episode.append(transition)
     if done:
-      episode = {k: [t[k] for t in self._episode] for k in self._episode[0]}
-      episode = {k: self._convert(v) for k, v in episode.items()}
-      info['episode'] = episode
+      info['episode'] = {k: np.array([t[k] for t in self._episode]) for k in self._episode[0]}
     return obs, reward, done, info
 
   def reset(self):
     obs = self._env.reset()
-    obs = {k: self._convert(v) for k, v in obs.items()}
     transition = obs.copy()
     transition['action'] = np.zeros(self._env.action_space.shape)
     transition['reward'] = 0.0
     transition['discount'] = 1.0
     self._episode = [transition]
     return obs
-
-  def _convert(self, value):
-    value = np.array(value)
-    if np.issubdtype(value.dtype, np.floating):
-      dtype = {16: np.float16, 32: np.float32, 64: np.float64}[self._precision]
-    elif np.issubdtype(value.dtype, np.signedinteger):
-      dtype = {16: np.int16, 32: np.int32, 64: np.int64}[self._precision]
-    elif np.issubdtype(value.dtype, np.uint8):
-      dtype = np.uint8
-    elif np.issubdtype(value.dtype, np.bool_):
-      dtype = np.bool_
-    else:
-      raise NotImplementedError(value.dtype)
-    return value.astype(dtype)
 
 
 class RewardObs(Wrapper):
@@ -457,7 +436,7 @@ class RewardObs(Wrapper):
     return obs
 
 
-def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, size=(64, 64), life_done=True):
+def make_env(task, action_repeat=2, time_limit=1000, seed=None, size=(64, 64), life_done=True):
   """The reference's wrapper stack for a task name `<suite>_<task>` (runs inside the worker). `life_done`: a lost
   life ends the episode (Atari only)."""
   suite, _, name = task.partition('_')
@@ -471,7 +450,7 @@ def make_env(task, action_repeat=2, time_limit=1000, precision=32, seed=None, si
     raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "
                     "(e.g. dmc_walker_walk).")
   env = TimeLimit(env, time_limit / action_repeat)
-  env = Collect(env, precision)
+  env = Collect(env)
   env = RewardObs(env)
   return env
 

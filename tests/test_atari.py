@@ -12,10 +12,11 @@ import pytest
 from gymnasium import spaces
 from PIL import Image
 
+import tools
 import wrappers
 from helpers import run_cli, run_dreamer as _run_dreamer
 
-PONG = dict(task='atari_pong', action_repeat=4, time_limit=200, precision=16, seed=0)  # 50 agent steps.
+PONG = dict(task='atari_pong', action_repeat=4, time_limit=200, seed=0)  # 50 agent steps.
 NATIVE = (210, 160)  # ALE screen (height, width).
 
 
@@ -209,7 +210,7 @@ def test_one_hot_passes_index_and_rejects_others():
   assert env.action_space.dtype == np.float32
   assert np.all(env.action_space.low == 0) and np.all(env.action_space.high == 1)
   for index in (0, 3, 5):
-    action = np.zeros(6, np.float16)  # Collect stores float16 at precision 16; the agent may send either.
+    action = np.zeros(6, np.float16)  # Stored episodes hold float16 actions at precision 16; either is taken.
     action[index] = 1
     env.step(action)
   assert inner.received == [0, 3, 5] and all(type(i) is int for i in inner.received)
@@ -277,7 +278,7 @@ def test_async_pong_episode_ends_at_time_limit():
       steps += 1
     assert steps == PONG['time_limit'] // PONG['action_repeat']
     assert info['discount'] == 1  # Pong has no lives: the time-limit cut is not terminal.
-    episode = info['episode']
+    episode = tools.stored(info['episode'], 16)  # As the loop stores it at --precision 16.
     assert episode['image'].shape == (steps + 1, 64, 64, 3) and episode['image'].dtype == np.uint8
     assert episode['action'].shape == (steps + 1, 6) and episode['action'].dtype == np.float16
     np.testing.assert_array_equal(episode['action'][0], np.zeros(6))  # Collect.reset stores zeros.
@@ -308,8 +309,7 @@ def test_async_reproducible_by_seed():
 
 
 def test_async_breakout_life_loss_is_terminal():
-  env = wrappers.Async('breakout', dict(task='atari_breakout', action_repeat=4, time_limit=20000, precision=16,
-                                        seed=0))
+  env = wrappers.Async('breakout', dict(task='atari_breakout', action_repeat=4, time_limit=20000, seed=0))
   try:
     space = env.action_space
     assert space.shape == (4,)

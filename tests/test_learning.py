@@ -24,7 +24,7 @@ def datadir(tmp_path_factory):
   """Three random-action episodes of dmc_walker_walk (100 agent steps each), rendered in a worker process: the
   tests train on one fixed batch of 8 windows drawn from them."""
   directory = tmp_path_factory.mktemp('episodes')
-  env = wrappers.Async('walker', dict(task='dmc_walker_walk', action_repeat=2, time_limit=200, precision=16, seed=1))
+  env = wrappers.Async('walker', dict(task='dmc_walker_walk', action_repeat=2, time_limit=200, seed=1))
   try:
     space = env.action_space
     space.seed(0)

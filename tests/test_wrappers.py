@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
+import tools
 import wrappers
 
-WALKER = dict(task='dmc_walker_walk', action_repeat=2, time_limit=20, precision=16, seed=0)
+WALKER = dict(task='dmc_walker_walk', action_repeat=2, time_limit=20, seed=0)
 WALKER_PROPRIO = ('orientations', 'height', 'velocity')
 START_TIMEOUT = 60.0  # Generous for the shared workers: only the hang test relies on a short timeout.
 
@@ -166,18 +167,20 @@ def test_normalize_actions_space_is_unit_box():
 # Collect --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('bits, dtype', [(16, np.float16), (32, np.float32)])
-def test_collect_returns_episode_at_done(bits, dtype):
-  env = wrappers.Collect(FakeEnv(done_at=3), precision=bits)
+def test_collect_returns_episode_at_done_and_stored_chooses_the_dtypes(bits, dtype):
+  env = wrappers.Collect(FakeEnv(done_at=3))
   obs = env.reset()
-  assert obs['vector'].dtype == dtype
+  assert obs['vector'].dtype == np.float64  # As the environment gave it.
   assert obs['image'].dtype == np.uint8
   actions = [np.array([0.25, -0.5], np.float32), np.array([1.0, 0.0], np.float32), np.array([-1.0, 0.75], np.float32)]
   for index, action in enumerate(actions):
     obs, _, done, info = env.step(action)
     assert done == (index == 2)
     assert ('episode' in info) == (index == 2)
-  assert obs['vector'].dtype == dtype
-  episode = info['episode']
+  assert obs['vector'].dtype == np.float64
+  raw = info['episode']
+  assert raw['vector'].dtype == raw['reward'].dtype == np.float64 and raw['image'].dtype == np.uint8
+  episode = tools.stored(raw, bits)  # The dtypes the loop saves and logs.
   assert set(episode) == {'image', 'vector', 'action', 'reward', 'discount'}
   for key, value in episode.items():
     assert len(value) == 4, key  # Transitions + 1 (the reset entry).
@@ -196,10 +199,15 @@ def test_collect_returns_episode_at_done(bits, dtype):
   assert episode['image'].shape == (4, 4, 4, 3)
   for key in ('vector', 'action', 'reward', 'discount'):
     assert episode[key].dtype == dtype, key
+  # Converted once from the environment's float64, not through float32: 1 + 2**-11 + 2**-40 rounds up to the next
+  # float16, but through float32 (1 + 2**-11, a tie) to even, 1.0.
+  value = 1 + 2 ** -11 + 2 ** -40
+  assert tools.stored({'reward': np.array([value])}, 16)['reward'][0] == np.float16(value) > 1
+  assert tools.stored({'count': np.array([3], np.int64)}, 16)['count'].dtype == np.int16
 
 
 def test_collect_starts_a_fresh_episode_on_reset_and_keeps_env_discount():
-  env = wrappers.Collect(FakeEnv(done_at=2, discount=0.5), precision=32)
+  env = wrappers.Collect(FakeEnv(done_at=2, discount=0.5))
   for _ in range(2):
     env.reset()
     env.step(np.zeros(2, np.float32))
@@ -278,7 +286,7 @@ def test_dmc_reset_observation(walker):
   assert obs['orientations'].shape == (14,)
   assert obs['velocity'].shape == (9,)
   for key in WALKER_PROPRIO:
-    assert obs[key].dtype == np.float16, key  # precision 16.
+    assert obs[key].dtype == np.float64, key  # As dm_control gives them: the loop chooses the stored dtype.
   obs, reward, _, _ = walker.step(np.zeros(6, np.float32), blocking=True)
   assert obs['reward'] == reward
 
@@ -295,7 +303,7 @@ def test_dmc_episode_ends_at_time_limit(walker):
     assert 'episode' not in info
   assert done
   assert index + 1 == 10  # time_limit 20 / action_repeat 2.
-  episode = info['episode']
+  episode = tools.stored(info['episode'], 16)  # As the loop stores it at --precision 16.
   assert set(episode) == set(WALKER_PROPRIO) | {'image', 'action', 'reward', 'discount'}
   for key, value in episode.items():
     assert len(value) == 11, key
