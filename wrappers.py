@@ -461,6 +461,9 @@ class WorkerError(RuntimeError):
   """An environment worker crashed, hung, or raised."""
 
 
+_clock = time.monotonic  # Read through the module, so that a test can stop this process's clock.
+
+
 class Async:
   """An environment in its own TF-free process, reached over a socket pair.
 
@@ -542,11 +545,16 @@ class Async:
       raise WorkerError(self._died(what, e)) from None
 
   def _receive(self, what, timeout):
-    deadline = time.time() + timeout
+    """The worker's reply, waited for up to `timeout` seconds of this process's own time: a wait of 0.5 s that took
+    much longer means this process was stopped meanwhile (SIGSTOP to pause a run, a suspended machine), most likely
+    with its workers, and that pause is not charged to the worker."""
+    waited, last = 0.0, _clock()
     while not self._conn.poll(0.5):
       if self._process.poll() is not None:
         raise WorkerError(self._died(what))
-      if time.time() > deadline:
+      now = _clock()
+      waited, last = waited + min(now - last, 1.0), now
+      if waited > timeout:
         self._process.kill()
         raise WorkerError(
             f"Environment worker '{self._name}' (pid {self._process.pid}) did not answer within {timeout:.0f} s "

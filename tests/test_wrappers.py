@@ -8,6 +8,7 @@ the wrapper tests in this process use a pure-python fake env.
 import os
 import signal
 import sys
+import threading
 import time
 
 
@@ -485,6 +486,22 @@ def test_hung_worker_times_out(make_async):
   assert '3 s' in message  # Names the timeout.
   env.close()
   assert env._process.poll() is not None
+
+
+def test_a_pause_of_the_whole_run_is_not_charged_to_the_worker(make_async, monkeypatch):
+  """A run paused with SIGSTOP (its workers and itself) for ten minutes, then continued: the step in flight is
+  answered, not timed out. The pause of this process is simulated by its clock jumping 600 s while the worker is
+  stopped for two seconds."""
+  env = make_async('walker paused', WALKER, timeout=5)
+  env.reset(blocking=True)
+  real = time.monotonic
+  start = real()
+  monkeypatch.setattr(wrappers, '_clock', lambda: real() + (600 if real() - start > 1 else 0))
+  os.kill(env._process.pid, signal.SIGSTOP)
+  threading.Timer(2.0, os.kill, (env._process.pid, signal.SIGCONT)).start()
+  obs, _, _, _ = env.step(np.zeros(6, np.float32), blocking=True)
+  assert obs['image'].shape == (64, 64, 3) and real() - start > 1.9
+  env.close()
 
 
 def test_close_is_idempotent_and_ends_the_process(make_async):
