@@ -19,6 +19,7 @@ import tqdm
 
 import seeds
 import tools
+import wrappers
 
 
 class NonFiniteError(RuntimeError):
@@ -242,6 +243,10 @@ def train(config, datadir, agent, dataset, train_envs, test_envs, actspace, writ
   except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned.
     save(config, agent, trainer, counter)
     print(f'Interrupted; saved {config.logdir / "variables.pkl"}.', file=sys.stderr)
+    raise
+  except wrappers.WorkerError:  # An environment died; the agent is whole: keep what it learned since the last save.
+    save(config, agent, trainer, counter)
+    print(f'Saved {config.logdir / "variables.pkl"}; the same command resumes the run.', file=sys.stderr)
     raise
 
 

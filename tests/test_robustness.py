@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import pathlib
 import re
 import signal
 import time
@@ -204,6 +206,39 @@ def test_stopped_inside_the_pretraining_round_the_run_resumes_it(tmp_path):
   assert rounds[0] == str(400 - done) and set(rounds[1:]) == {'1'}, rounds  # Then rounds of --train_steps 1.
   assert not (logdir / loop.PRETRAIN_FILE).exists()
   check_logdir(logdir)
+
+
+def worker_pids(pid):
+  """The environment workers (`wrappers.py --worker`) a process started."""
+  pids = []
+  for entry in pathlib.Path('/proc').iterdir():
+    try:
+      stat = (entry / 'stat').read_text().rsplit(')', 1)[1].split()
+      command = (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode()
+    except (OSError, IndexError):
+      continue
+    if int(stat[1]) == pid and 'wrappers.py' in command and '--worker' in command:
+      pids.append(int(entry.name))
+  return pids
+
+
+@pytest.mark.e2e
+def test_a_dead_environment_worker_stops_the_run_with_a_checkpoint(tmp_path):
+  """kill -9 of a training environment's worker during collection: the run stops with exit code 1 and a message
+  naming the environment, and saves what the agent learned since the last checkpoint first."""
+  logdir = tmp_path / 'run'
+  process = start(logdir, 400)
+  lines = wait_for(process, 'Start collection.')
+  assert not (logdir / 'variables.pkl').exists()  # The first checkpoint would come after this collection.
+  workers = worker_pids(process.pid)
+  assert len(workers) == 2, workers  # One train and one test environment.
+  for pid in workers:
+    os.kill(pid, signal.SIGKILL)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 1, ''.join(lines) + out
+  assert "Environment worker 'dmc_walker_walk train 0'" in out and 'died while' in out, out[-3000:]
+  assert f'Saved {logdir / "variables.pkl"}; the same command resumes the run.' in out, out[-3000:]
+  assert len(tools.read_checkpoint(logdir / 'variables.pkl')) == 82
 
 
 def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):
