@@ -134,14 +134,18 @@ def average_row(rows):
 COLUMNS = ('task', 'method', 'seeds', 'step', 'final', 'eval', 'paper_same_step', 'paper_final')
 
 
+def write_csv(path, columns, rows, fmt):
+  """rows (dicts) as a CSV file of `columns`, each value written as fmt(value)."""
+  with path.open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    writer.writerows([[fmt(row[c]) for c in columns] for row in rows])
+
+
 def write_tables(rows, outdir):
   rows = rows + [average_row(rows)]
   fmt = lambda v: '' if v is None else (f'{v:.1f}' if isinstance(v, float) else str(v))
-  with (outdir / 'returns.csv').open('w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(COLUMNS)
-    for row in rows:
-      writer.writerow([fmt(row[c]) for c in COLUMNS])
+  write_csv(outdir / 'returns.csv', COLUMNS, rows, fmt)
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   lines += ['| ' + ' | '.join(fmt(row[c]) for c in COLUMNS) + ' |' for row in rows]
   (outdir / 'returns.md').write_text('\n'.join(lines) + '\n')
@@ -243,10 +247,7 @@ def plot_horizon(points, outdir, ykey, cols=4):
     fig.savefig(outdir / f'horizon.{suffix}', dpi=110)
   plt.close(fig)
   fmt = lambda v: f'{v:.1f}' if isinstance(v, float) else str(v)
-  with (outdir / 'horizon.csv').open('w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(HORIZON_COLUMNS)
-    writer.writerows([[fmt(p[c]) for c in HORIZON_COLUMNS] for p in points])
+  write_csv(outdir / 'horizon.csv', HORIZON_COLUMNS, points, fmt)
   lines = ['| ' + ' | '.join(HORIZON_COLUMNS) + ' |', '|' + '---|' * len(HORIZON_COLUMNS)]
   lines += ['| ' + ' | '.join(fmt(p[c]) for c in HORIZON_COLUMNS) + ' |' for p in points]
   (outdir / 'horizon.md').write_text('\n'.join(lines) + '\n')
@@ -347,10 +348,7 @@ def plot_aggregate(rows, outdir):
     fig.savefig(outdir / f'aggregate.{suffix}', dpi=110)
   plt.close(fig)
   fmt = lambda v: f'{v:.3f}' if isinstance(v, float) else str(v)
-  with (outdir / 'aggregate.csv').open('w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(AGGREGATE_COLUMNS)
-    writer.writerows([[fmt(r[c]) for c in AGGREGATE_COLUMNS] for r in rows])
+  write_csv(outdir / 'aggregate.csv', AGGREGATE_COLUMNS, rows, fmt)
   lines = ['| method | runs | tasks | step | ' + ' | '.join(f'{n} [95% CI]' for n in STATISTICS) + ' |',
            '|' + '---|' * (4 + len(STATISTICS))]
   lines += ['| ' + ' | '.join(str(r[c]) for c in ('method', 'runs', 'tasks', 'step')) + ' | ' + ' | '.join(

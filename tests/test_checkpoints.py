@@ -1,5 +1,6 @@
 """The reference's variables.pkl: same structure, outputs reproduced, safe and atomic files, clear errors."""
 
+import functools
 import hashlib
 import json
 import os
@@ -27,12 +28,7 @@ def reference_dirs():
 @pytest.fixture(scope='module')
 def forward_outputs():
   """The port's forward outputs per reference folder (compare.run_forward), computed once for this module."""
-  cache = {}
-  def run(directory):
-    if directory not in cache:
-      cache[directory] = compare.run_forward(directory)
-    return cache[directory]
-  return run
+  return functools.cache(compare.run_forward)
 
 
 @pytest.mark.xdist_group('forward_outputs')

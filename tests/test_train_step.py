@@ -4,6 +4,7 @@ by compare.py. References: tests/data/train_step/* and the folders in DREAMER_TR
 
 import collections
 import contextlib
+import functools
 import io
 import os
 import pathlib
@@ -37,12 +38,7 @@ def test_the_shipped_references_are_found():
 @pytest.fixture(scope='module')
 def train_steps():
   """The port's noise-free train step per reference folder, run once for the tests of this module."""
-  cache = {}
-  def run(directory):
-    if directory not in cache:
-      cache[directory] = compare.run_train_step(directory)
-    return cache[directory]
-  return run
+  return functools.cache(compare.run_train_step)
 
 
 @pytest.mark.xdist_group('train_step')  # The tests that share the module's train steps run on one worker.
