@@ -53,9 +53,7 @@ def load_config(data):
 
 
 def build_agent(config, actdim, checkpoint):
-  """A float32 agent for `config` with fresh optimizers, loaded from `checkpoint`."""
-  import keras
-  keras.mixed_precision.set_global_policy('float32')
+  """A float32 agent (config.precision 32) for `config` with fresh optimizers, loaded from `checkpoint`."""
   actspace = spaces.Discrete(actdim) if config.action_dist in flags.ONEHOT else spaces.Box(-1, 1, (actdim,))
   agent = dreamer.Dreamer(config, actspace)
   agent.load(checkpoint)

@@ -123,10 +123,11 @@ class Dreamer:
   """The agent: its networks, the policy, the train step (returning metrics) and the checkpoint table. The loop
   that decides when to act, train, log and save is loop.py."""
 
-  def __init__(self, config, actspace, strategy=None):
+  def __init__(self, config, actspace, strategy=None, precision=None):
     """Builds every variable with a forward pass on zeros (no train step: the loop makes the reference's first
     update on a real batch). `strategy` (a tf.distribute strategy, see make_strategy) splits every train step's
-    batch over its replicas; None trains on the default device."""
+    batch over its replicas; None trains on the default device. `precision` is the Keras dtype policy name the
+    networks are built with (float32, mixed_bfloat16, mixed_float16); None: what --precision resolves to here."""
     default = tf.distribute.get_strategy()  # No strategy: one device.
     self._strategy = strategy or default
     self._replicas = self._strategy.num_replicas_in_sync
@@ -137,7 +138,9 @@ class Dreamer:
       # Only in the checkpoint (its first entry, as the reference's agent step): written by save.
       self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
       self._metrics = {name: Mean() for name in metric_names(config)}
-      self._float = keras.mixed_precision.global_policy().compute_dtype
+      # The dtype policy every network is built with (passed to each layer; Keras's global policy is not used).
+      self.precision = precision or resolve_precision(config)
+      self._float = keras.mixed_precision.Policy(self.precision).compute_dtype
       self.has_decoder = has_decoder(config)  # Only then is there an open-loop video (openl).
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
       self._build_model()
@@ -398,29 +401,31 @@ class Dreamer:
 
   def _build_model(self):
     c = self._c
-    self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, name='encode')
+    kw = dict(dtype=self.precision)
+    self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, name='encode', **kw)
     self._dynamics = models.RSSM(c.stoch_size, c.deter_size, c.deter_size, shared_noise=c.shared_noise,
-                                 name='dynamics')
+                                 name='dynamics', **kw)
     # Only the networks the variant trains exist (checkpoint_names lists their variables).
     model_modules = [self._encode, self._dynamics]
     if has_decoder(c):
-      self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode')
+      self._decode = models.ConvDecoder(c.cnn_depth, c.cnn_act, name='decode', **kw)
       model_modules.append(self._decode)
     layers = {name: spec.layers for name, spec in DENSE.items() if spec.built(c)}
     if '_cpc' in layers:
       self._cpc = models.StateModel(c.stoch_size + c.deter_size, layers['_cpc'], c.num_units, c.dense_act,
-                                    name='cpc')
+                                    name='cpc', **kw)
       model_modules.append(self._cpc)
-    self._reward = models.DenseDecoder((), layers['_reward'], c.num_units, act=c.dense_act, name='reward')
+    self._reward = models.DenseDecoder((), layers['_reward'], c.num_units, act=c.dense_act, name='reward', **kw)
     model_modules.append(self._reward)
     if '_pcont' in layers:
-      self._pcont = models.DenseDecoder((), layers['_pcont'], c.num_units, 'binary', act=c.dense_act, name='pcont')
+      self._pcont = models.DenseDecoder((), layers['_pcont'], c.num_units, 'binary', act=c.dense_act,
+                                        name='pcont', **kw)
       model_modules.append(self._pcont)
     if '_value' in layers:
-      self._value = models.DenseDecoder((), layers['_value'], c.num_units, act=c.dense_act, name='value')
+      self._value = models.DenseDecoder((), layers['_value'], c.num_units, act=c.dense_act, name='value', **kw)
     if '_actor' in layers:
       self._actor = models.ActionDecoder(self._actdim, layers['_actor'], c.num_units, c.action_dist,
-                                         init_std=c.action_init_std, act=c.dense_act, name='actor')
+                                         init_std=c.action_init_std, act=c.dense_act, name='actor', **kw)
     loss_scale = self._float == 'float16'
     Optimizer = functools.partial(
         tools.Optimizer, wd=c.weight_decay, clip=c.grad_clip, wdpattern=c.weight_decay_pattern,
@@ -672,7 +677,8 @@ def make_env(config, prefix, index, worker=0):
 # Main ---------------------------------------------------------------------------------------------------------------
 
 def setup(config):
-  """Checks the logdir, sets devices, precision and seeds. Returns the dtype policy name."""
+  """Checks the logdir, sets devices and seeds. Returns the dtype policy name --precision resolves to (the agent
+  builds its layers with it)."""
   config.logdir = pathlib.Path(config.logdir).expanduser()
   try:
     config.logdir.mkdir(parents=True, exist_ok=True)
@@ -688,8 +694,7 @@ def setup(config):
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
-  policy = resolve_precision(config)
-  keras.mixed_precision.set_global_policy(policy)
+  policy = resolve_precision(config)  # The agent resolves it the same way and passes it to its layers.
   keras.utils.set_random_seed(config.seed)
   return policy
 

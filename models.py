@@ -1,7 +1,8 @@
 """The networks: Keras 3 layers, no I/O.
 
-Layers compute in the global dtype policy (float32, bfloat16 or float16); distribution parameters are cast to
-float32 before any distribution is built, so log-probs, KLs and losses are float32.
+Each layer computes in the dtype policy it is given (`dtype=`: float32, mixed_bfloat16 or mixed_float16; Keras's
+global policy when none is given) and hands it to its sublayers; distribution parameters are cast to float32
+before any distribution is built, so log-probs, KLs and losses are float32.
 """
 
 import keras
@@ -42,12 +43,13 @@ class RSSM(keras.layers.Layer):
     self._deter_size = deter
     self._hidden_size = hidden
     self._shared_noise = shared_noise
-    self._cell = GRUCell(deter, name='gru_cell')
-    self.img1 = keras.layers.Dense(hidden, self._activation, name='img1')
-    self.img2 = keras.layers.Dense(hidden, self._activation, name='img2')
-    self.img3 = keras.layers.Dense(2 * stoch, None, name='img3')
-    self.obs1 = keras.layers.Dense(hidden, self._activation, name='obs1')
-    self.obs2 = keras.layers.Dense(2 * stoch, None, name='obs2')
+    kw = dict(dtype=self.dtype_policy)
+    self._cell = GRUCell(deter, name='gru_cell', **kw)
+    self.img1 = keras.layers.Dense(hidden, self._activation, name='img1', **kw)
+    self.img2 = keras.layers.Dense(hidden, self._activation, name='img2', **kw)
+    self.img3 = keras.layers.Dense(2 * stoch, None, name='img3', **kw)
+    self.obs1 = keras.layers.Dense(hidden, self._activation, name='obs1', **kw)
+    self.obs2 = keras.layers.Dense(2 * stoch, None, name='obs2', **kw)
 
   def initial(self, batch_size):
     zeros = lambda size, dtype: tf.zeros([batch_size, size], dtype)
@@ -136,7 +138,7 @@ class ConvEncoder(_Composite):
   def __init__(self, depth=32, act='relu', **kwargs):
     super().__init__(**kwargs)
     self._depth = depth
-    kw = dict(strides=2, activation=get_act(act))
+    kw = dict(strides=2, activation=get_act(act), dtype=self.dtype_policy)
     self.h1 = keras.layers.Conv2D(1 * depth, 4, name='h1', **kw)
     self.h2 = keras.layers.Conv2D(2 * depth, 4, name='h2', **kw)
     self.h3 = keras.layers.Conv2D(4 * depth, 4, name='h3', **kw)
@@ -157,12 +159,12 @@ class ConvDecoder(_Composite):
     super().__init__(**kwargs)
     self._depth = depth
     self._shape = tuple(shape)
-    kw = dict(strides=2, activation=get_act(act))
-    self.h1 = keras.layers.Dense(32 * depth, None, name='h1')
+    kw = dict(strides=2, activation=get_act(act), dtype=self.dtype_policy)
+    self.h1 = keras.layers.Dense(32 * depth, None, name='h1', dtype=self.dtype_policy)
     self.h2 = keras.layers.Conv2DTranspose(4 * depth, 5, name='h2', **kw)
     self.h3 = keras.layers.Conv2DTranspose(2 * depth, 5, name='h3', **kw)
     self.h4 = keras.layers.Conv2DTranspose(1 * depth, 6, name='h4', **kw)
-    self.h5 = keras.layers.Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5')
+    self.h5 = keras.layers.Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5', dtype=self.dtype_policy)
 
   def call(self, features):
     """features [..., F] -> Independent(Normal(mean, 1)) over [..., 64, 64, 3], float32."""
@@ -192,8 +194,9 @@ class _MLP(_Composite):
 
   def __init__(self, layers, units, out, act, **kwargs):
     super().__init__(**kwargs)
-    self._hidden = [keras.layers.Dense(units, get_act(act), name=f'h{i}') for i in range(layers)]
-    self.hout = keras.layers.Dense(out, name='hout')
+    kw = dict(dtype=self.dtype_policy)
+    self._hidden = [keras.layers.Dense(units, get_act(act), name=f'h{i}', **kw) for i in range(layers)]
+    self.hout = keras.layers.Dense(out, name='hout', **kw)
 
   @property
   def dense_layers(self):
@@ -271,7 +274,7 @@ class StateModel(_MLP):
 
   def __init__(self, size, layers=3, units=400, act='elu', min_std=1e-2, init_std=1.0, **kwargs):
     super().__init__(layers, units, size, act, **kwargs)
-    self.hstd = keras.layers.Dense(size, name='hstd')
+    self.hstd = keras.layers.Dense(size, name='hstd', dtype=self.dtype_policy)
     self._min_std = min_std
     self._init_std = init_std
 

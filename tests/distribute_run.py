@@ -23,7 +23,6 @@ import runtime  # noqa: E402
 runtime.configure()  # Before TensorFlow is imported: the settings users run with (runtime.py).
 tf = runtime.import_tensorflow()
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dreamer  # noqa: E402
@@ -59,8 +58,7 @@ def main(outs, init, episodes, argv):
 
 
 def run(name, out, init, episodes, config, strategy, policy):
-  keras.mixed_precision.set_global_policy(policy)
-  agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy)
+  agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)), strategy=strategy, precision=policy)
   if init.exists():
     agent.load(init)
   else:

@@ -44,8 +44,6 @@ def run_cli(*args):
     sys.stdout.write(out.getvalue())
     sys.stderr.write(err.getvalue())
     raise
-  finally:
-    keras.mixed_precision.set_global_policy('float32')
   return code, out.getvalue(), err.getvalue()
 
 
@@ -86,7 +84,6 @@ def build_agent(argv, actspace):
   train step."""
   import dreamer  # Imported on use: conftest is loaded by every test file, also the ones that need no agent.
   config = dreamer.parse_args(['--precision', '32', *argv])
-  keras.mixed_precision.set_global_policy('float32')
   keras.utils.set_random_seed(config.seed)
   return dreamer.Dreamer(config, actspace)
 
@@ -109,10 +106,10 @@ TINY_AGENT = ['--precision', '32', '--batch_size', '2', '--batch_length', '8', '
               '4', '--num_units', '16', '--cnn_depth', '2', '--horizon', '3']
 
 
-def tiny_agent(logdir, *argv, datadir=None):
+def tiny_agent(logdir, *argv, datadir=None, precision=None):
   """(agent, dataset, config): a real walker agent of TINY_AGENT's size with `argv` on top, set up as main does
-  (dtype policy, seeds), and the loop's dataset over the episodes in `datadir` (default `logdir`/episodes; three
-  fake ones when it has none). The caller restores the float32 policy afterwards (the fixtures that use this do)."""
+  (seeds), and the loop's dataset over the episodes in `datadir` (default `logdir`/episodes; three fake ones when
+  it has none). `precision`: a dtype policy name for the agent instead of what --precision resolves to."""
   import dreamer
   import tensorflow as tf
   from gymnasium import spaces
@@ -121,5 +118,5 @@ def tiny_agent(logdir, *argv, datadir=None):
     fake_episodes(datadir, 3)
   config = dreamer.parse_args(['--logdir', str(logdir), *TINY_AGENT, *argv])
   dreamer.setup(config)
-  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)))
+  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)), precision=precision)
   return agent, dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()), config

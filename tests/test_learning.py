@@ -2,7 +2,6 @@
 higher imagined return than its initial weights did."""
 
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -54,33 +53,30 @@ def test_world_model_loss_falls_and_actor_improves(datadir, tmp_path, seed):
       '--batch_length', '20', '--deter_size', '32', '--stoch_size', '8', '--num_units', '64', '--cnn_depth', '8',
       '--horizon', '10', '--actor_lr', '8e-4'])
   dreamer.setup(config)
-  try:
-    agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)))
-    data = next(dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()))
-    agent.train(data, [seed, 0])  # The loop's build step.
-    initial_actor = [v.numpy() for v in agent._actor.weights]
-    model_loss = []
-    for update in range(1, 61):
-      metrics = agent.train(data, [seed, update])
-      model_loss.append(float(metrics['model_loss']))
-      assert np.isfinite(float(metrics['actor_loss']))
-    # Traced once per shape: the reference retraced its policy and leaked memory (its issue #19).
-    assert agent._train_graph.experimental_get_tracing_count() == 1
-    # The trained actor against its initial weights, both under the trained world model and value.
-    trained = imagined_return(agent, data, config)
-    for var, value in zip(agent._actor.weights, initial_actor):
-      var.assign(value)
-    initial = imagined_return(agent, data, config)
-    image = np.asarray(data['image'][:2, 0])  # uint8, as the environment gives it.
-    state = None
-    for step in range(6):
-      action, state = agent.policy({'image': image}, np.array([step % 3 == 0, False]), state, True)
-      assert action.shape == (2, 6) and np.all(np.abs(action) <= 1)
-    agent.policy({'image': image}, np.array([False, False]), state, False)
-    agent.policy({'image': image}, np.array([True, True]), state, False)
-    assert agent._policy.experimental_get_tracing_count() == 2  # One trace for training, one for evaluation.
-  finally:
-    keras.mixed_precision.set_global_policy('float32')
+  agent = dreamer.Dreamer(config, wrappers.spaces.Box(-1, 1, (6,)))
+  data = next(dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()))
+  agent.train(data, [seed, 0])  # The loop's build step.
+  initial_actor = [v.numpy() for v in agent._actor.weights]
+  model_loss = []
+  for update in range(1, 61):
+    metrics = agent.train(data, [seed, update])
+    model_loss.append(float(metrics['model_loss']))
+    assert np.isfinite(float(metrics['actor_loss']))
+  # Traced once per shape: the reference retraced its policy and leaked memory (its issue #19).
+  assert agent._train_graph.experimental_get_tracing_count() == 1
+  # The trained actor against its initial weights, both under the trained world model and value.
+  trained = imagined_return(agent, data, config)
+  for var, value in zip(agent._actor.weights, initial_actor):
+    var.assign(value)
+  initial = imagined_return(agent, data, config)
+  image = np.asarray(data['image'][:2, 0])  # uint8, as the environment gives it.
+  state = None
+  for step in range(6):
+    action, state = agent.policy({'image': image}, np.array([step % 3 == 0, False]), state, True)
+    assert action.shape == (2, 6) and np.all(np.abs(action) <= 1)
+  agent.policy({'image': image}, np.array([False, False]), state, False)
+  agent.policy({'image': image}, np.array([True, True]), state, False)
+  assert agent._policy.experimental_get_tracing_count() == 2  # One trace for training, one for evaluation.
   assert all(np.isfinite(model_loss))
   start, end = model_loss[0] - IMAGE_FLOOR, np.mean(model_loss[-5:]) - IMAGE_FLOOR
   assert end < 0.5 * start, (model_loss[0], model_loss[-5:])

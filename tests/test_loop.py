@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import imageio.v3 as iio
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -49,7 +48,6 @@ def tiny(tmp_path):
   """Makes a tiny real agent (helpers.tiny_agent) that trains 5 updates first, then 2 every 10 env steps."""
   yield lambda *argv: tiny_agent(tmp_path, '--train_steps', '2', '--pretrain', '5', '--train_every', '10',
                                  '--log_every', '10', *argv)
-  keras.mixed_precision.set_global_policy('float32')
 
 
 def act(trainer, calls):

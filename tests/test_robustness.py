@@ -8,7 +8,6 @@ import re
 import signal
 import time
 
-import keras
 import numpy as np
 import pytest
 
@@ -22,7 +21,6 @@ from helpers import TINY, fake_episodes, run_cli, start_dreamer, tiny_agent
 @pytest.fixture
 def agent(tmp_path):
   yield tiny_agent(tmp_path, '--train_steps', '3', '--pretrain', '3', '--train_every', '10')
-  keras.mixed_precision.set_global_policy('float32')
 
 
 def nan_batches(dataset):
@@ -249,7 +247,6 @@ def test_weight_decay_applies_to_the_matching_variables_only(tmp_path):
     before = agent._encode.h1.kernel.numpy().copy()
     agent.train(next(dataset), [0, 1])
     kernels[wd] = (before, agent._encode.h1.kernel.numpy(), agent._encode.h2.kernel.numpy())
-  keras.mixed_precision.set_global_policy('float32')
   (before0, after0, other0), (before5, after5, other5) = kernels[0.0], kernels[0.5]
   np.testing.assert_allclose(before0, before5)  # Same seed, same start.
   np.testing.assert_allclose(other0, other5, atol=1e-6)  # Unmatched variables: no decay.
