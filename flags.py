@@ -77,8 +77,8 @@ FLAGS = (
     Flag('cpu_devices', 0, 'split the CPU into this many logical devices (to try `--distribute mirrored` without '
          'GPUs); 0: one device', minimum=0),
     # Environment.
-    Flag('task', 'dmc_walker_walk', '`dmc_<domain>_<task>` (domain `cup` = `ball_in_cup`) or `atari_<game>` '
-         '(e.g. `atari_pong`)', fixed=True),
+    Flag('task', 'dmc_walker_walk', '`dmc_<domain>_<task>` (domain `cup` = `ball_in_cup`), `atari_<game>` '
+         '(e.g. `atari_pong`) or `gym_<id>` (any Gymnasium id, e.g. `gym_HalfCheetah-v5`)', fixed=True),
     Flag('envs', 1, 'environments stepped in parallel', positive=True),
     Flag('parallel', 'none', 'none: step the envs one after another; thread/process: step them concurrently '
          '(see deviations)', choices=('none', 'thread', 'process')),
@@ -154,15 +154,35 @@ FLAGS = (
 )
 BY_NAME = {flag.name: flag for flag in FLAGS}
 
-# Settings for discrete control (Atari), applied to atari_* tasks under the flags the user sets: the paper's own
-# code (google-research/dreamer, defaults 'dreamer, pcont, discrete, atari'); the README lists each value's source.
+# The paper's own code's settings for discrete control (google-research/dreamer, scripts/configs.py `discrete`;
+# the README lists each value's source), applied to every task with discrete actions under the flags the user sets.
 # Its epsilon, 0.4 * max(0.25, 1 - s / 1e7) over trainer steps s (10 per agent step), is linear from 0.4 to 0.1
-# over 7.5e5 agent steps = 3e6 env steps.
+# over 7.5e5 agent steps = 3e6 env steps at Atari's action repeat 4.
+DISCRETE = dict(kl_scale=0.1, horizon=10, clip_rewards='tanh', action_dist='onehot_score', expl='epsilon_greedy',
+                expl_amount=0.4, expl_schedule='linear', expl_decay=3e6, expl_min=0.1, eval_noise=0.001)
+# A suite's settings: Atari's are the paper's (its `atari` and `pcont` configs with `discrete`). Gymnasium tasks get
+# a learned discount (`pcont`, as the paper's code for its tasks with terminations), the discrete settings when
+# their actions are discrete, and the env's own time limit (gym_settings).
 SUITE_DEFAULTS = dict(
-    atari=dict(action_repeat=4, time_limit=108000, pcont=True, kl_scale=0.1, action_dist='onehot_score',
-               horizon=10, clip_rewards='tanh', expl='epsilon_greedy', expl_amount=0.4, expl_schedule='linear',
-               expl_decay=3e6, expl_min=0.1, eval_noise=0.001),
+    atari=dict(action_repeat=4, time_limit=108000, pcont=True, **DISCRETE),
+    gym=dict(pcont=True),
 )
+
+
+def suite_defaults(task):
+  """The settings of a task's suite (applied under the preset and the flags given). A gym_<id> task's depend on
+  its environment, which is made once to find them out (wrappers.describe_gym, in its own process; an id that does
+  not exist raises TaskError)."""
+  suite, _, name = task.partition('_')
+  settings = dict(SUITE_DEFAULTS.get(suite, {}))
+  if suite == 'gym':
+    info = wrappers.describe_gym(name)
+    if info['kind'] == 'discrete':
+      settings.update(DISCRETE)
+    if info['max_episode_steps']:
+      settings['time_limit'] = int(info['max_episode_steps'])
+  return settings
+
 
 # Named presets (--preset), applied after the suite defaults and before the flags the user sets.
 PRESETS = dict(
@@ -239,8 +259,7 @@ def parse_args(argv=None):
   preset = given.pop('preset')
   defaults = define_config()
   config = AttrDict(defaults)
-  suite = given.get('task', defaults.task).partition('_')[0]
-  for layer in (SUITE_DEFAULTS.get(suite, {}), PRESETS[preset], given):
+  for layer in (suite_defaults(given.get('task', defaults.task)), PRESETS[preset], given):
     for key, value in layer.items():
       config[key] = type(defaults[key])(value)
   if 'nstep' not in given:  # Its default is derived: the horizon (the flag's 0 stands for it).
@@ -252,10 +271,10 @@ def parse_args(argv=None):
 def parse_and_check(argv=None):
   """The config of a command line; a flag error exits 2 with one line naming the flag (argparse does the same for
   malformed values), without a traceback."""
-  config = parse_args(argv)
   try:
+    config = parse_args(argv)
     check_config(config)
-  except UserError as e:
+  except (UserError, wrappers.TaskError) as e:
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(2)
   return config
@@ -275,7 +294,8 @@ def check_config(config):
     raise UserError(f'--eval_every {config.eval_every} is less than one agent step (--action_repeat '
                     f'{config.action_repeat}); nothing would be collected between evaluations.')
   training = not (config.eval_only or config.benchmark)
-  if training and config.task.startswith('dmc_') and config.time_limit // config.action_repeat < config.batch_length:
+  if (training and config.task.startswith(('dmc_', 'gym_'))
+      and config.time_limit // config.action_repeat < config.batch_length):
     raise UserError(f'Episodes of --time_limit {config.time_limit} / --action_repeat {config.action_repeat} = '
                     f'{config.time_limit // config.action_repeat} steps are shorter than --batch_length '
                     f'{config.batch_length}; no training window would fit.')
@@ -285,11 +305,13 @@ def check_config(config):
     version = '.'.join(map(str, sys.version_info[:2]))
     raise UserError(f'--task {config.task}: DeepMind Lab (the paper\'s other discrete-control domain) has no '
                     f'package that pip installs for this Python ({version}), so this port cannot run it. '
-                    'Use an atari_* or dmc_* task.')
+                    'Use an atari_*, dmc_* or gym_* task.')
   if suite not in wrappers.SUITES:
     raise UserError(f"Unknown suite in --task {config.task}. Suites: {', '.join(wrappers.SUITES)} "
-                    "(tasks are named <suite>_<task>, e.g. dmc_walker_walk).")
+                    "(tasks are named <suite>_<task>, e.g. dmc_walker_walk, atari_pong, gym_HalfCheetah-v5).")
   kind = 'discrete' if suite == 'atari' else 'continuous'
+  if suite == 'gym':
+    kind = wrappers.describe_gym(config.task.partition('_')[2])['kind']
   for key, allowed in ACTION_SETTINGS[kind].items():
     if config[key] not in allowed:
       advice = ' or '.join(f'--{key} {value}' for value in allowed)

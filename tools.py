@@ -613,7 +613,12 @@ def load_episodes(directory, rescan, length=None, balance=False, seed=0, cache_b
       yield episode
     unreadable &= set(filenames)  # Forget the files that are gone.
     if not drawn and set(filenames) <= unreadable:
-      raise NoEpisodesError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.')
+      stored = [episode_length(f) for f in directory.glob('*.npz')]
+      hint = ''
+      if length and stored and max(stored) < length + 1:  # E.g. a task whose early episodes end within steps.
+        hint = (f' The {len(stored)} stored episodes are at most {max(stored)} steps long (--batch_length '
+                f'{length} needs {length + 1}): use a --batch_length below {max(stored)}.')
+      raise NoEpisodesError(f'No readable episodes of at least {(length or 0) + 1} steps in {directory}.{hint}')
 
 
 # Simulation ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ module. Each wrapper owns one concern and works with the old-style gym API the r
 `reset() -> obs`, `step(action) -> (obs, reward, done, info)`.
 """
 
+import functools
 import os
 import signal
 import socket
@@ -20,8 +21,9 @@ from gymnasium import spaces
 
 if 'MUJOCO_GL' not in os.environ:  # Only when the user has not chosen a GL backend.
   os.environ['MUJOCO_GL'] = 'egl'
+os.environ.setdefault('PYGAME_HIDE_SUPPORT_PROMPT', '1')  # No pygame banner from every classic-control worker.
 
-SUITES = ('dmc', 'atari')
+SUITES = ('dmc', 'atari', 'gym')
 
 
 class TaskError(ValueError):
@@ -265,6 +267,177 @@ class Atari:
     return {'image': image[:, :, None] if self._grayscale else image}
 
 
+# Gymnasium ----------------------------------------------------------------------------------------------------------
+
+GYM_EXTRAS = ('classic control (CartPole, Pendulum, ...) needs `pip install "gymnasium[classic-control]"` '
+              '(pygame); Box2D (LunarLander, CarRacing, ...) `pip install swig "gymnasium[box2d]"`; MuJoCo '
+              '(HalfCheetah, Hopper, ...) and Atari (ALE/...) come with this port\'s requirements')
+
+
+def _gym_make(name, **kwargs):
+  """gymnasium.make for a task's id: a registered `Id`, `module:Id` (gymnasium imports the module, which registers
+  Id), `module:Class` (an entry point: the class is made directly), or `ALE/<Game>-v5` (ale-py's own registration).
+  Raises TaskError naming the id and what exists."""
+  import gymnasium
+  import importlib
+  if name.startswith('ALE/'):
+    import ale_py
+    gymnasium.register_envs(ale_py)
+  try:
+    return gymnasium.make(name, **kwargs)
+  except gymnasium.error.UnregisteredEnv as e:
+    module, _, attr = name.rpartition(':')
+    if module and hasattr(importlib.import_module(module), attr):  # An entry point rather than a registered id.
+      return gymnasium.make(gymnasium.envs.registration.EnvSpec(id=attr, entry_point=name), **kwargs)
+    import difflib
+    ids = sorted(gymnasium.registry)
+    close = difflib.get_close_matches(name, ids, n=3)
+    hint = f" Did you mean: {', '.join(f'gym_{i}' for i in close)}?" if close else ''
+    raise TaskError(f"Unknown Gymnasium id '{name}' in task 'gym_{name}' ({e}).{hint} Registered ids "
+                    f"({len(ids)}): {', '.join(ids)}. A custom environment: register it with gymnasium.register in "
+                    f"a module and pass gym_<module>:<Id>, or pass its entry point gym_<module>:<Class>.") from None
+  except ImportError as e:
+    raise TaskError(f"Task 'gym_{name}': cannot import what it names ({e}). {GYM_EXTRAS}.") from None
+  except gymnasium.error.DependencyNotInstalled as e:
+    raise TaskError(f"Task 'gym_{name}' needs a package that is not installed: {e}. {GYM_EXTRAS}.") from None
+
+
+class Gym:
+  """A Gymnasium environment seen through its rendered frames: `gymnasium.make(id, render_mode='rgb_array')`.
+
+  The observation is the image alone (`{'image': uint8 [H, W, 3]}`, the env's frame resized to `size` with PIL
+  where the env cannot render at that size); the env's own observation (a proprioceptive vector) stays out of the
+  model, as for DMC. Box actions (1-D) and Discrete ones (offset by the space's `start`) pass through; the stack
+  normalizes or one-hot encodes them. The first reset seeds the env (`reset(seed=seed)`), later resets continue its
+  random stream. Each action is repeated `action_repeat` times (rewards summed, stopping at the episode's end) and
+  one frame is rendered per agent step. A termination carries `info['discount'] = 0`, a truncation (the env's own
+  time limit, set to `time_limit` env steps when given) `info['discount'] = 1`.
+  """
+
+  def __init__(self, name, size=(64, 64), action_repeat=1, seed=None, time_limit=None):
+    from gymnasium import spaces as gym_spaces
+    self._name = name
+    self._size = tuple(size)
+    self._action_repeat = action_repeat
+    self._seed = seed
+    limit = {} if time_limit is None else dict(max_episode_steps=int(time_limit))
+    try:  # MuJoCo's Gymnasium envs render at any size; most others (classic control) at their own.
+      self._env = _gym_make(name, render_mode='rgb_array', width=self._size[1], height=self._size[0], **limit)
+    except TypeError:
+      self._env = _gym_make(name, render_mode='rgb_array', **limit)
+    modes = self._env.metadata.get('render_modes', [])
+    if 'rgb_array' not in modes:
+      self._env.close()
+      raise TaskError(f"Gymnasium env '{name}' cannot render rgb_array frames (its render modes: "
+                      f"{', '.join(modes) or 'none'}); Dreamer learns from images, so it needs one that can.")
+    space = self._env.action_space
+    if isinstance(space, gym_spaces.Discrete):
+      self._start = int(space.start)
+      self._action_space = spaces.Discrete(int(space.n))
+    elif (isinstance(space, gym_spaces.Box) and len(space.shape) == 1
+          and np.issubdtype(space.dtype, np.floating)):
+      self._start = None
+      self._action_space = spaces.Box(space.low, space.high, dtype=np.float32)
+    else:
+      self._env.close()
+      raise TaskError(f"Gymnasium env '{name}' has the action space {space}, which the agent cannot use: allowed "
+                      'are Box (a float vector) and Discrete.')
+    self._first = True
+    self._done = True
+
+  @property
+  def observation_space(self):
+    return spaces.Dict({'image': spaces.Box(0, 255, self._size + (3,), dtype=np.uint8)})
+
+  @property
+  def action_space(self):
+    return self._action_space
+
+  @property
+  def max_episode_steps(self):
+    """The env's own time limit in env steps (None without one)."""
+    spec = self._env.spec
+    return spec.max_episode_steps if spec is not None else None
+
+  def reset(self):
+    seed, self._first = (self._seed if self._first else None), False
+    self._env.reset(seed=None if seed is None else int(seed))
+    self._done = False
+    return self._obs()
+
+  def step(self, action):
+    if self._done:
+      raise RuntimeError('Must reset environment before stepping it.')
+    if self._start is not None:
+      action = int(action) + self._start
+    total_reward, terminated, truncated = 0.0, False, False
+    for _ in range(self._action_repeat):
+      _, reward, terminated, truncated, _ = self._env.step(action)
+      total_reward += float(reward)
+      if terminated or truncated:
+        break
+    self._done = terminated or truncated
+    info = {'discount': np.array(0.0 if terminated else 1.0, np.float32)} if self._done else {}
+    return self._obs(), total_reward, self._done, info
+
+  def render(self, *args, **kwargs):
+    if kwargs.get('mode', 'rgb_array') != 'rgb_array':
+      raise ValueError("Only render mode 'rgb_array' is supported.")
+    return self._obs()['image']
+
+  def close(self):
+    self._env.close()
+
+  def _obs(self):
+    frame = self._env.render()
+    if frame is None:
+      raise TaskError(f"Gymnasium env '{self._name}' returned no frame from render() in rgb_array mode.")
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[-1] != 3:
+      raise TaskError(f"Gymnasium env '{self._name}' renders frames of shape {frame.shape}; need [H, W, 3].")
+    if frame.shape[:2] != self._size:
+      from PIL import Image
+      frame = np.asarray(Image.fromarray(frame.astype(np.uint8)).resize(
+          (self._size[1], self._size[0]), Image.BILINEAR))  # PIL takes (w, h).
+    return {'image': frame.astype(np.uint8)}
+
+
+@functools.cache  # Once per process: the flags ask twice (their defaults and their check).
+def describe_gym(name):
+  """What the flags need to know of a Gymnasium task before training: its action kind and the env's own time limit.
+  Made in a TF-free process of its own (`python wrappers.py --describe ID`: an env may render when it is made),
+  which makes the env, resets and renders it once: a bad id, a missing package or a frame it cannot render stops
+  here with TaskError. Returns dict(kind='discrete'|'continuous', max_episode_steps=int or None)."""
+  import json
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), '--describe', name],
+                          capture_output=True, text=True, timeout=300)
+  lines = result.stdout.strip().splitlines()
+  try:
+    reply = json.loads(lines[-1])
+  except (IndexError, ValueError):
+    raise TaskError(f"Task 'gym_{name}': making the environment failed (exit code {result.returncode}):\n"
+                    f"{result.stderr[-3000:]}") from None
+  if 'error' in reply:
+    raise TaskError(reply['error'])
+  return reply
+
+
+def _describe(name):
+  import json
+  try:
+    env = Gym(name)
+    env.reset()
+    kind = 'discrete' if isinstance(env.action_space, spaces.Discrete) else 'continuous'
+    reply = dict(kind=kind, max_episode_steps=env.max_episode_steps)
+    env.close()
+  except TaskError as e:
+    reply = dict(error=str(e))
+  except Exception as e:  # The env's own code failed: a TaskError for the user, with what it raised.
+    reply = dict(error=f"Task 'gym_{name}': making, resetting or rendering the environment raised "
+                       f"{type(e).__name__}: {e}")
+  print(json.dumps(reply), flush=True)
+
+
 class Wrapper:
   """Forwards everything it does not override to the wrapped env."""
 
@@ -446,9 +619,12 @@ def make_env(task, action_repeat=2, time_limit=1000, seed=None, size=(64, 64), l
   elif suite == 'atari':
     env = Atari(name, action_repeat, size, grayscale=False, life_done=life_done, sticky_actions=True, seed=seed)
     env = OneHotAction(env, seed=seed)
+  elif suite == 'gym':  # Its settings (flags.py) follow the action space, as Atari's do.
+    env = Gym(name, size, action_repeat, seed=seed, time_limit=time_limit)
+    env = OneHotAction(env, seed=seed) if isinstance(env.action_space, spaces.Discrete) else NormalizeActions(env)
   else:
     raise TaskError(f"Unknown suite '{suite}' in task '{task}'. Suites: {', '.join(SUITES)} "
-                    "(e.g. dmc_walker_walk).")
+                    "(e.g. dmc_walker_walk, atari_pong, gym_HalfCheetah-v5).")
   env = TimeLimit(env, time_limit / action_repeat)
   env = Collect(env)
   env = RewardObs(env)
@@ -625,5 +801,8 @@ if __name__ == '__main__':
     # load. The script's directory is sys.path[0], so this imports this very file.
     import wrappers
     wrappers._worker(int(sys.argv[2]))
+  elif len(sys.argv) == 3 and sys.argv[1] == '--describe':
+    import wrappers
+    wrappers._describe(sys.argv[2])
   else:
-    sys.exit('usage: python wrappers.py --worker FD (started by the agent, not by hand)')
+    sys.exit('usage: python wrappers.py --worker FD | --describe GYM_ID (started by the agent, not by hand)')

@@ -53,7 +53,8 @@ def test_the_defaults_pass_the_checks_and_layers_apply_in_order():
     (['--batch_length', '1'], '--batch_length must be at least 2, got 1.'),
     (['--parallel', 'gpu'], '--parallel gpu is not allowed; choose one of: none, thread, process.'),
     (['--precision', '8'], '--precision 8 is not allowed; choose one of: 16, 32.'),
-    (['--task', 'gym_cartpole'], 'Unknown suite in --task gym_cartpole'),
+    (['--task', 'foo_cartpole'], 'Unknown suite in --task foo_cartpole'),
+    (['--task', 'gym_cartpole'], "Unknown Gymnasium id 'cartpole' in task 'gym_cartpole'"),
     (['--expl', 'epsilon_greedy'], '--expl epsilon_greedy does not fit the continuous actions of dmc_walker_walk; '
      'use --expl additive_gaussian or --expl completely_random.'),
     (['--task', 'atari_pong', '--action_dist', 'tanh_normal'], '--action_dist tanh_normal does not fit the '

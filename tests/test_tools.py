@@ -514,3 +514,13 @@ def test_load_episodes_with_only_files_shorter_than_their_names_raises(tmp_path,
   with pytest.raises(tools.NoEpisodesError):
     next(tools.load_episodes(tmp_path, rescan=3, length=10))
   assert 'holds 6 steps, fewer than its name says' in capsys.readouterr().err
+
+
+def test_a_replay_of_only_short_episodes_says_how_long_they_are(tmp_path):
+  """Episodes that all end before a training window fits (a task whose random episodes end within a few steps):
+  the error says how long the stored ones are and which --batch_length would fit."""
+  tools.save_episodes(tmp_path, [make_episode(8, 1), make_episode(12, 2)])
+  with pytest.raises(tools.NoEpisodesError, match=r'2 stored episodes are at most 12 steps long .*--batch_length '
+                     r'below 12'):
+    next(tools.load_episodes(tmp_path, rescan=3, length=20))
+  assert len(next(tools.load_episodes(tmp_path, rescan=3, length=11))['reward']) == 11
