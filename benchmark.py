@@ -91,6 +91,103 @@ def graph_flops(graph):
   return flops
 
 
+# The kernels whose sum is the train step's floor: convolutions, their gradients and matmuls.
+KERNELS = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul', 'BatchMatMulV2')
+_KERNEL_ATTRS = dict(
+    Conv2D=('strides', 'padding', 'data_format', 'dilations'),
+    Conv2DBackpropInput=('strides', 'padding', 'data_format', 'dilations'),
+    Conv2DBackpropFilter=('strides', 'padding', 'data_format', 'dilations'),
+    MatMul=('transpose_a', 'transpose_b'), BatchMatMulV2=('adj_x', 'adj_y'))
+
+
+def kernel_calls(graph, trips=1):
+  """Counter of (op type, input shapes, dtype, attributes) -> calls per call of the traced function, for every
+  convolution, convolution gradient and matmul that runs; a loop's body counts once per iteration."""
+  calls = collections.Counter()
+  for op in _live_ops(graph):
+    if op.type in ('While', 'StatelessWhile'):
+      body = graph._get_function(op.get_attr('body').name).graph
+      calls.update(kernel_calls(body, trips * int(tf.get_static_value(op.inputs[1]))))
+    elif op.type in KERNELS:
+      if op.type == 'Conv2DBackpropInput':  # (input_sizes, filter, out_backprop): the sizes are the output's.
+        shapes = (tuple(op.outputs[0].shape), tuple(op.inputs[1].shape), tuple(op.inputs[2].shape))
+      elif op.type == 'Conv2DBackpropFilter':  # (input, filter_sizes, out_backprop).
+        shapes = (tuple(op.inputs[0].shape), tuple(op.outputs[0].shape), tuple(op.inputs[2].shape))
+      else:
+        shapes = tuple(tuple(t.shape) for t in op.inputs)
+      attrs = tuple((name, tuple(value) if isinstance(value, list) else value)
+                    for name, value in ((n, op.get_attr(n)) for n in _KERNEL_ATTRS[op.type]))
+      calls[(op.type, shapes, op.outputs[0].dtype.name, attrs)] += trips
+  return calls
+
+
+def _kernel_fn(kind, shapes, dtype, attrs, repeats):
+  """A tf.function that runs one kernel `repeats` times one after another (each call waits for the previous one,
+  so that the two cores work on one kernel at a time, as in the step's critical path) on random inputs."""
+  attrs = dict(attrs)
+  dtype = tf.as_dtype(dtype)
+  tensors = lambda *indices: [tf.cast(tf.random.normal(shapes[i]), dtype) for i in indices]
+  if kind == 'Conv2D':
+    inputs = tensors(0, 1)
+    op = lambda x, w: tf.raw_ops.Conv2D(input=x, filter=w, **attrs)
+  elif kind == 'Conv2DBackpropInput':
+    inputs = tensors(1, 2)
+    op = lambda w, dy: tf.raw_ops.Conv2DBackpropInput(input_sizes=shapes[0], filter=w, out_backprop=dy, **attrs)
+  elif kind == 'Conv2DBackpropFilter':
+    inputs = tensors(0, 2)
+    op = lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=shapes[1], out_backprop=dy, **attrs)
+  elif kind == 'MatMul':
+    inputs = tensors(0, 1)
+    op = lambda a, b: tf.raw_ops.MatMul(a=a, b=b, **attrs)
+  else:
+    inputs = tensors(0, 1)
+    op = lambda a, b: tf.raw_ops.BatchMatMulV2(x=a, y=b, **attrs)
+
+  @tf.function(autograph=False)
+  def run(*inputs):
+    out = tf.zeros(())
+    for _ in range(repeats):
+      with tf.control_dependencies([out]):
+        out = op(*inputs)
+    return tf.reduce_sum(tf.cast(tf.reshape(out, [-1])[:1], tf.float32))
+
+  return lambda: run(*inputs).numpy()
+
+
+def kernel_floor(graph, budget_s=0.3):
+  """The train step's kernel floor: each convolution (forward and both gradients) and matmul of the traced step
+  timed alone at its shapes and dtype, on all cores, times its calls per step, summed. Returns (floor in seconds,
+  seconds by op type). Each kernel runs in blocks of repeats lasting about `budget_s`; the fastest of three blocks
+  counts (the empty function's own call time subtracted). Grappler is off for these small functions (oneDNN's
+  rewrite is not part of it and stays): it would merge the identical repeats into one."""
+  options = tf.config.optimizer.get_experimental_options()
+  tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
+  try:
+    empty = tf.function(lambda: tf.zeros(()))
+    empty()
+    overhead = min(_timed(lambda: empty().numpy()) for _ in range(20))
+    total, by_kind = 0.0, collections.Counter()
+    for (kind, shapes, dtype, attrs), calls in kernel_calls(graph).items():
+      once = _kernel_fn(kind, shapes, dtype, attrs, 1)
+      once()  # Traces; oneDNN creates its kernel for the shape.
+      single = max(min(_timed(once) for _ in range(3)) - overhead, 1e-6)
+      repeats = int(np.clip(budget_s / 3 / single, 1, 200))
+      block = _kernel_fn(kind, shapes, dtype, attrs, repeats)
+      block()
+      seconds = max(min(_timed(block) for _ in range(3)) - overhead, 0.0) / repeats
+      total += seconds * calls
+      by_kind[kind] += seconds * calls
+  finally:
+    tf.config.optimizer.set_experimental_options(options)
+  return total, dict(by_kind.most_common())
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def op_profile(run_step):
   """Runs `run_step` once under TensorFlow's profiler. Returns the op time in ms by op kind and by part of the
   network (the op's first name scope, `grad ` in front for gradient ops), largest first. Op times are summed over
@@ -215,6 +312,10 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
     except Exception as e:  # The profile is extra information; the measurements stand without it.
       print(f'No op profile: {e}')
     result['peak_gflops'] = peak_gflops(tf.as_dtype(keras.mixed_precision.Policy(policy_name).compute_dtype))
+    floor, by_kind = kernel_floor(graph)
+    result['kernel_floor_s'] = floor
+    result['kernel_floor_s_by_op'] = by_kind
+    result['train_step_over_kernel_floor'] = result['train_step_s']['median'] / floor
 
     # Policy step: one observation, the training policy (sample + exploration), as in collection. The machine's
     # speed drifts within minutes, so the policy graph the flags choose is timed in turns with the other one (XLA

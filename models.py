@@ -23,6 +23,53 @@ def get_act(name):
   return ACTS[name]
 
 
+def bias_add(x, bias):
+  """x + bias [C] over the last axis, as Keras adds a layer's bias (BiasAdd, which oneDNN fuses with the matmul or
+  convolution before it). Below float32 the bias gradient is summed in float32: TensorFlow's CPU BiasAddGrad sums
+  in the input's dtype, and in bfloat16 its sum over a batch is far off (the bias gradient of a [2500, 400] Dense
+  layer whose output gradients average 1 came out up to 61% wrong, the decoder's last layer's had the wrong sign;
+  docs/speed.md, session 10). In float32 it is Keras's own op and gradient."""
+  bias = tf.cast(bias, x.dtype)
+  if x.dtype == tf.float32:
+    return tf.nn.bias_add(x, bias)
+  return _bias_add_summed_in_float32(x, bias)
+
+
+@tf.custom_gradient
+def _bias_add_summed_in_float32(x, bias):
+  def grad(dy):
+    total = tf.reduce_sum(tf.cast(dy, tf.float32), list(range(dy.shape.rank - 1)))
+    return dy, tf.cast(total, bias.dtype)
+  return tf.nn.bias_add(x, bias), grad
+
+
+class Dense(keras.layers.Dense):
+  """keras.layers.Dense with its bias added by bias_add (the same weights, names and forward values)."""
+
+  def call(self, inputs, training=None):
+    x = bias_add(keras.ops.matmul(inputs, self.kernel), self.bias)
+    return self.activation(x) if self.activation is not None else x
+
+
+class Conv2D(keras.layers.Conv2D):
+  """keras.layers.Conv2D with its bias added by bias_add."""
+
+  def call(self, inputs):
+    x = bias_add(self.convolution_op(inputs, self.kernel), self.bias)
+    return self.activation(x) if self.activation is not None else x
+
+
+class Conv2DTranspose(keras.layers.Conv2DTranspose):
+  """keras.layers.Conv2DTranspose with its bias added by bias_add."""
+
+  def call(self, inputs):
+    x = keras.ops.conv_transpose(inputs, self.kernel, strides=list(self.strides), padding=self.padding,
+                                 output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+                                 data_format=self.data_format)
+    x = bias_add(x, self.bias)
+    return self.activation(x) if self.activation is not None else x
+
+
 class _Composite(keras.layers.Layer):
   """A layer whose weights all live in sublayers, which build themselves on their first call."""
 
@@ -45,11 +92,11 @@ class RSSM(keras.layers.Layer):
     self._shared_noise = shared_noise
     kw = dict(dtype=self.dtype_policy)
     self._cell = GRUCell(deter, name='gru_cell', **kw)
-    self.img1 = keras.layers.Dense(hidden, self._activation, name='img1', **kw)
-    self.img2 = keras.layers.Dense(hidden, self._activation, name='img2', **kw)
-    self.img3 = keras.layers.Dense(2 * stoch, None, name='img3', **kw)
-    self.obs1 = keras.layers.Dense(hidden, self._activation, name='obs1', **kw)
-    self.obs2 = keras.layers.Dense(2 * stoch, None, name='obs2', **kw)
+    self.img1 = Dense(hidden, self._activation, name='img1', **kw)
+    self.img2 = Dense(hidden, self._activation, name='img2', **kw)
+    self.img3 = Dense(2 * stoch, None, name='img3', **kw)
+    self.obs1 = Dense(hidden, self._activation, name='obs1', **kw)
+    self.obs2 = Dense(2 * stoch, None, name='obs2', **kw)
 
   def initial(self, batch_size):
     zeros = lambda size, dtype: tf.zeros([batch_size, size], dtype)
@@ -139,10 +186,10 @@ class ConvEncoder(_Composite):
     super().__init__(**kwargs)
     self._depth = depth
     kw = dict(strides=2, activation=get_act(act), dtype=self.dtype_policy)
-    self.h1 = keras.layers.Conv2D(1 * depth, 4, name='h1', **kw)
-    self.h2 = keras.layers.Conv2D(2 * depth, 4, name='h2', **kw)
-    self.h3 = keras.layers.Conv2D(4 * depth, 4, name='h3', **kw)
-    self.h4 = keras.layers.Conv2D(8 * depth, 4, name='h4', **kw)
+    self.h1 = Conv2D(1 * depth, 4, name='h1', **kw)
+    self.h2 = Conv2D(2 * depth, 4, name='h2', **kw)
+    self.h3 = Conv2D(4 * depth, 4, name='h3', **kw)
+    self.h4 = Conv2D(8 * depth, 4, name='h4', **kw)
 
   def call(self, obs):
     """obs['image'] [..., 64, 64, 3] float -> embed [..., 32 * depth] in the compute dtype."""
@@ -160,11 +207,11 @@ class ConvDecoder(_Composite):
     self._depth = depth
     self._shape = tuple(shape)
     kw = dict(strides=2, activation=get_act(act), dtype=self.dtype_policy)
-    self.h1 = keras.layers.Dense(32 * depth, None, name='h1', dtype=self.dtype_policy)
-    self.h2 = keras.layers.Conv2DTranspose(4 * depth, 5, name='h2', **kw)
-    self.h3 = keras.layers.Conv2DTranspose(2 * depth, 5, name='h3', **kw)
-    self.h4 = keras.layers.Conv2DTranspose(1 * depth, 6, name='h4', **kw)
-    self.h5 = keras.layers.Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5', dtype=self.dtype_policy)
+    self.h1 = Dense(32 * depth, None, name='h1', dtype=self.dtype_policy)
+    self.h2 = Conv2DTranspose(4 * depth, 5, name='h2', **kw)
+    self.h3 = Conv2DTranspose(2 * depth, 5, name='h3', **kw)
+    self.h4 = Conv2DTranspose(1 * depth, 6, name='h4', **kw)
+    self.h5 = Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5', dtype=self.dtype_policy)
 
   def call(self, features):
     """features [..., F] -> Independent(Normal(mean, 1)) over [..., 64, 64, 3], float32."""
@@ -185,7 +232,7 @@ class ConvDecoder(_Composite):
     kh, kw, out, inp = layer.kernel.shape
     kernel = tf.cast(layer.kernel, x.dtype)  # [kh, kw, out, in]
     kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [inp, kh * kw * out])
-    x = tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out]) + tf.cast(layer.bias, x.dtype)
+    x = bias_add(tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out]), layer.bias)
     return layer.activation(x)
 
 
@@ -195,8 +242,8 @@ class _MLP(_Composite):
   def __init__(self, layers, units, out, act, **kwargs):
     super().__init__(**kwargs)
     kw = dict(dtype=self.dtype_policy)
-    self._hidden = [keras.layers.Dense(units, get_act(act), name=f'h{i}', **kw) for i in range(layers)]
-    self.hout = keras.layers.Dense(out, name='hout', **kw)
+    self._hidden = [Dense(units, get_act(act), name=f'h{i}', **kw) for i in range(layers)]
+    self.hout = Dense(out, name='hout', **kw)
 
   @property
   def dense_layers(self):
@@ -274,7 +321,7 @@ class StateModel(_MLP):
 
   def __init__(self, size, layers=3, units=400, act='elu', min_std=1e-2, init_std=1.0, **kwargs):
     super().__init__(layers, units, size, act, **kwargs)
-    self.hstd = keras.layers.Dense(size, name='hstd', dtype=self.dtype_policy)
+    self.hstd = Dense(size, name='hstd', dtype=self.dtype_policy)
     self._min_std = min_std
     self._init_std = init_std
 

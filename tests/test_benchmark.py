@@ -53,6 +53,34 @@ def test_graph_flops_counts_a_loop_body_once_per_iteration():
   assert flops['MatMul'] == 7 * 3 * matmul, flops
 
 
+def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_them():
+  weight = tf.Variable(tf.random.normal((4, 4)))
+  kernel = tf.Variable(tf.random.normal((3, 3, 3, 4)))
+
+  @tf.function
+  def step(inputs, image):  # [7, 2, 4], [2, 8, 8, 3]
+    with tf.GradientTape() as tape:
+      states = tf.scan(lambda state, x: tf.matmul(state + x, weight), inputs, tf.zeros((2, 4)))
+      loss = tf.reduce_sum(states) + tf.reduce_sum(tf.nn.conv2d(image, kernel, 1, 'VALID'))
+    grads = tape.gradient(loss, [weight, kernel])
+    weight.assign_sub(0.1 * grads[0])
+    kernel.assign_sub(0.1 * grads[1])
+    return loss
+
+  graph = step.get_concrete_function(tf.zeros((7, 2, 4)), tf.zeros((2, 8, 8, 3))).graph
+  calls = benchmark.kernel_calls(graph)
+  by_kind = {}
+  for (kind, shapes, dtype, _), count in calls.items():
+    assert dtype == 'float32'
+    by_kind[kind] = by_kind.get(kind, 0) + count
+  assert by_kind == {'MatMul': 7 * 3, 'Conv2D': 1, 'Conv2DBackpropFilter': 1}, by_kind
+  conv = [key for key in calls if key[0] == 'Conv2D'][0]
+  assert conv[1] == ((2, 8, 8, 3), (3, 3, 3, 4)) and dict(conv[3])['padding'] == b'VALID'
+  floor, seconds = benchmark.kernel_floor(graph, budget_s=0.05)
+  assert set(seconds) == set(by_kind) and all(s > 0 for s in seconds.values())
+  assert np.isclose(floor, sum(seconds.values()))
+
+
 @pytest.mark.e2e
 def test_benchmark_command_writes_its_json(tmp_path):
   code, out, err = run_cli('--logdir', str(tmp_path), '--benchmark', 'True', '--preset', 'debug',
@@ -70,6 +98,11 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert data['train_step_s']['n'] >= 5 and 0 < data['train_step_s']['min'] <= data['train_step_s']['median']
   assert data['gflop_per_train_step'] > 0 and data['peak_gflops'] > 1 and data['train_step_ops'] > 1000
   assert np.isclose(data['achieved_gflops'], data['gflop_per_train_step'] / data['train_step_s']['median'])
+  # The kernel floor: the step's convolutions and matmuls timed alone, summed; the step takes longer than that.
+  assert {'Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul'} <= set(data['kernel_floor_s_by_op'])
+  assert np.isclose(data['kernel_floor_s'], sum(data['kernel_floor_s_by_op'].values()))
+  assert 0 < data['kernel_floor_s'] < data['train_step_s']['median']
+  assert np.isclose(data['train_step_over_kernel_floor'], data['train_step_s']['median'] / data['kernel_floor_s'])
   assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
   # The float32 actor's policy is XLA-compiled by default; the plain graph is timed in turns beside it.
   assert data['policy_xla'] is True and data['policy_step_ms']['n'] == 200
