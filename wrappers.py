@@ -302,6 +302,20 @@ def _gym_make(name, **kwargs):
     raise TaskError(f"Task 'gym_{name}' needs a package that is not installed: {e}. {GYM_EXTRAS}.") from None
 
 
+def _mujoco_warnings_to_stderr():
+  """MuJoCo's warnings (e.g. the deprecated `settotalmass` of Gymnasium's MuJoCo models) go to stderr, once each,
+  instead of MuJoCo's default of stdout plus a MUJOCO_LOG.TXT file in the working directory."""
+  import mujoco
+  seen = set()
+
+  def warn(message):
+    if message not in seen:
+      seen.add(message)
+      print(f'MuJoCo warning: {message}', file=sys.stderr)
+
+  mujoco.set_mju_user_warning(warn)
+
+
 class Gym:
   """A Gymnasium environment seen through its rendered frames: `gymnasium.make(id, render_mode='rgb_array')`.
 
@@ -316,6 +330,7 @@ class Gym:
 
   def __init__(self, name, size=(64, 64), action_repeat=1, seed=None, time_limit=None):
     from gymnasium import spaces as gym_spaces
+    _mujoco_warnings_to_stderr()
     self._name = name
     self._size = tuple(size)
     self._action_repeat = action_repeat

@@ -49,7 +49,8 @@ def play(env, actions):
 
 # Environments ---------------------------------------------------------------------------------------------------------
 
-def test_mujoco_task_renders_normalized_continuous_control_through_the_worker(request):
+def test_mujoco_task_renders_normalized_continuous_control_through_the_worker(request, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # The workers' working directory.
   envs = [worker(request, 'gym_HalfCheetah-v5', time_limit=20, seed=seed) for seed in (0, 0, 1)]
   space = envs[0].action_space
   assert space.shape == (6,) and np.all(space.low == -1) and np.all(space.high == 1)
@@ -67,6 +68,7 @@ def test_mujoco_task_renders_normalized_continuous_control_through_the_worker(re
   np.testing.assert_array_equal(same[0], same[1])  # Seeded through reset(seed=...).
   assert runs[0][1] == runs[1][1]
   assert runs[0][1] != runs[2][1]  # Another seed starts from another state.
+  assert not list(tmp_path.iterdir())  # MuJoCo's warnings go to stderr, not to a MUJOCO_LOG.TXT here.
 
 
 def test_classic_control_terminal_has_discount_zero_and_truncation_one(request):
