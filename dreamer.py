@@ -144,11 +144,11 @@ class Dreamer:
       self.has_decoder = has_decoder(config)  # Only then is there an open-loop video (openl).
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
       self._build_model()
-      # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 on CPUs (docs/speed.md);
-      # not measured for float16/bfloat16 or for CEM's planning, which keep the plain graph; under a distribution
-      # strategy XLA cannot read the replicas' variables on other devices. No autograph: the Python control flow is
-      # on the config only, and autograph would cost seconds.
-      self.policy_xla_possible = (self._float == 'float32' and config.behavior == 'actor'
+      # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 and in bfloat16 on CPUs
+      # (docs/speed.md, sessions 7, 8 and 10); not measured for float16 (GPUs) or for CEM's planning, which keep the
+      # plain graph; under a distribution strategy XLA cannot read the replicas' variables on other devices. No
+      # autograph: the Python control flow is on the config only, and autograph would cost seconds.
+      self.policy_xla_possible = (self._float in ('float32', 'bfloat16') and config.behavior == 'actor'
                                   and self._strategy is default)
       self.policy_xla = bool(config.jit_policy and self.policy_xla_possible)
       self._policy = tf.function(self._policy, autograph=False, jit_compile=self.policy_xla)

@@ -64,8 +64,9 @@ FLAGS = (
     Flag('gpu_growth', True, 'let TF grow GPU memory instead of taking it all'),
     Flag('precision', 16, '16: mixed precision (float16 with loss scaling on a GPU; bfloat16 on a CPU that has it, '
          'else float32); 32: float32', choices=(16, 32)),
-    Flag('jit_policy', True, "compile the actor's policy step with XLA when it computes in float32 on one device (one "
-         'fused program instead of ~100 small ops; docs/speed.md; its random draws differ from the plain graph\'s)'),
+    Flag('jit_policy', True, "compile the actor's policy step with XLA when it computes in float32 or bfloat16 on "
+         'one device (one fused program instead of ~100 small ops; docs/speed.md; its random draws differ from the '
+         'plain graph\'s)'),
     Flag('checkpoint', '', "a `variables.pkl` to load instead of the logdir's", shown='(none)'),
     Flag('eval_only', False, 'only evaluate the loaded checkpoint for `--eval_episodes` episodes; writes '
          '`eval.json`'),

@@ -211,6 +211,18 @@ def test_policy_is_compiled_with_xla_for_the_float32_actor_only(argv, jit):
   assert action.shape == (2, 3) and np.all(np.abs(action) <= 1)
 
 
+@pytest.mark.parametrize('precision, jit', [('mixed_bfloat16', True), ('mixed_float16', False)])
+def test_the_bfloat16_actor_is_compiled_too_the_float16_one_not(precision, jit):
+  config = dreamer.parse_args(['--preset', 'debug'])
+  agent = dreamer.Dreamer(config, BOX, precision=precision)
+  assert agent.policy_xla == jit and agent._policy._jit_compile == jit
+  state = None
+  for step in range(3):
+    action, state = agent.policy(images(2, step), np.array([step == 0] * 2), state, True)
+    assert action.shape == (2, 3) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
+  assert state[0]['deter'].dtype == agent._float  # The recurrent state stays in the compute dtype.
+
+
 # Reward clipping ----------------------------------------------------------------------------------------------------
 
 def test_preprocess_applies_tanh_to_the_reward_only():
