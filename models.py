@@ -232,7 +232,8 @@ class ConvDecoder(_Composite):
     kh, kw, out, inp = layer.kernel.shape
     kernel = tf.cast(layer.kernel, x.dtype)  # [kh, kw, out, in]
     kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [inp, kh * kw * out])
-    x = bias_add(tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out]), layer.bias)
+    # A broadcast add: its gradient is a Sum, which sums in float (unlike BiasAddGrad, see bias_add).
+    x = tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out]) + tf.cast(layer.bias, x.dtype)
     return layer.activation(x)
 
 

@@ -100,8 +100,10 @@ def test_unknown_task_exits_2_with_the_valid_names(tmp_path):
   assert code == 2, err[-2000:]
   assert 'dmc_walker_walk' in err
   assert not (tmp_path / 'a' / 'config.json').exists()  # A typo does not lock the logdir to the wrong task.
-  code, _, err = run_cli('--logdir', str(tmp_path / 'b'), '--task', 'gym_pong')
-  assert code == 2 and 'dmc' in err and 'atari' in err
+  code, _, err = run_cli('--logdir', str(tmp_path / 'b'), '--task', 'foo_pong')
+  assert code == 2 and 'dmc' in err and 'atari' in err and 'gym' in err
+  code, _, err = run_cli('--logdir', str(tmp_path / 'c'), '--task', 'gym_pong')
+  assert code == 2 and "Unknown Gymnasium id 'pong'" in err, err[-2000:]
 
 
 @pytest.mark.e2e
