@@ -11,7 +11,7 @@ class Counter(gymnasium.Env):
   """Discrete(3, start=2) actions; the frame's pixels are 40 x the last action taken (0 after a reset), so a test
   can read the action the env received from the image. Terminates after 5 steps with action 4, reward = action."""
 
-  metadata = {'render_modes': ['rgb_array']}
+  metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
 
   def __init__(self, render_mode=None):
     self.render_mode = render_mode
@@ -36,7 +36,7 @@ class Counter(gymnasium.Env):
 
 
 class _Frames(gymnasium.Env):
-  metadata = {'render_modes': ['rgb_array']}
+  metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
   observation_space = spaces.Box(0, 1, (1,), np.float32)
 
   def __init__(self, render_mode=None):
@@ -63,7 +63,7 @@ class DictActions(_Frames):
 
 class NoFrames(_Frames):
   """Renders only for a human: no rgb_array frames to learn from."""
-  metadata = {'render_modes': ['human']}
+  metadata = {'render_modes': ['human'], 'render_fps': 30}
   action_space = spaces.Box(-1, 1, (2,), np.float32)
 
 
