@@ -316,11 +316,20 @@ def _mujoco_warnings_to_stderr():
   mujoco.set_mju_user_warning(warn)
 
 
+def _has_tracking_camera(env):
+  """Whether a Gymnasium env is a MuJoCo one whose model has a camera named `track`."""
+  model = getattr(env.unwrapped, 'model', None)
+  if model is None or not hasattr(env.unwrapped, 'mujoco_renderer'):
+    return False
+  import mujoco
+  return mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, 'track') >= 0
+
+
 class Gym:
   """A Gymnasium environment seen through its rendered frames: `gymnasium.make(id, render_mode='rgb_array')`.
 
   The observation is the image alone (`{'image': uint8 [H, W, 3]}`, the env's frame resized to `size` with PIL
-  where the env cannot render at that size); the env's own observation (a proprioceptive vector) stays out of the
+  where the env cannot render at that size; MuJoCo models with a `track` camera render from it); the env's own observation (a proprioceptive vector) stays out of the
   model, as for DMC. Box actions (1-D) and Discrete ones (offset by the space's `start`) pass through; the stack
   normalizes or one-hot encodes them. The first reset seeds the env (`reset(seed=seed)`), later resets continue its
   random stream. Each action is repeated `action_repeat` times (rewards summed, stopping at the episode's end) and
@@ -337,9 +346,18 @@ class Gym:
     self._seed = seed
     limit = {} if time_limit is None else dict(max_episode_steps=int(time_limit))
     try:  # MuJoCo's Gymnasium envs render at any size; most others (classic control) at their own.
-      self._env = _gym_make(name, render_mode='rgb_array', width=self._size[1], height=self._size[0], **limit)
+      size = dict(width=self._size[1], height=self._size[0])
+      self._env = _gym_make(name, render_mode='rgb_array', **size, **limit)
     except TypeError:
+      size = {}
       self._env = _gym_make(name, render_mode='rgb_array', **limit)
+    self.camera = None  # The env's own default view.
+    if _has_tracking_camera(self._env):
+      # The default view of MuJoCo's locomotion tasks (HalfCheetah, Ant, Swimmer, ...) stays where the body started,
+      # which soon runs out of the picture; their models' `track` camera follows it, as DMC's cameras do.
+      self._env.close()
+      self._env = _gym_make(name, render_mode='rgb_array', camera_name='track', **size, **limit)
+      self.camera = 'track'
     modes = self._env.metadata.get('render_modes', [])
     if 'rgb_array' not in modes:
       self._env.close()

@@ -54,6 +54,7 @@ def test_mujoco_task_renders_normalized_continuous_control_through_the_worker(re
   envs = [worker(request, 'gym_HalfCheetah-v5', time_limit=20, seed=seed) for seed in (0, 0, 1)]
   space = envs[0].action_space
   assert space.shape == (6,) and np.all(space.low == -1) and np.all(space.high == 1)
+  assert envs[0].call('__getattr__', 'camera') == 'track'  # The camera that follows the cheetah.
   actions = np.random.RandomState(0).uniform(-1, 1, (20, 6)).astype(np.float32)
   runs = [play(env, actions) for env in envs]
   obs, rewards, dones, infos = runs[0]
@@ -73,6 +74,7 @@ def test_mujoco_task_renders_normalized_continuous_control_through_the_worker(re
 
 def test_classic_control_terminal_has_discount_zero_and_truncation_one(request):
   env = worker(request, 'gym_CartPole-v1', time_limit=500)
+  assert env.call('__getattr__', 'camera') is None  # Not MuJoCo: the env's own view.
   space = env.action_space
   assert space.shape == (2,) and isinstance(space, wrappers.OneHotBox)
   left = np.array([1, 0], np.float32)
