@@ -329,8 +329,8 @@ class Gym:
   """A Gymnasium environment seen through its rendered frames: `gymnasium.make(id, render_mode='rgb_array')`.
 
   The observation is the image alone (`{'image': uint8 [H, W, 3]}`, the env's frame resized to `size` with PIL
-  where the env cannot render at that size; MuJoCo models with a `track` camera render from it); the env's own observation (a proprioceptive vector) stays out of the
-  model, as for DMC. Box actions (1-D) and Discrete ones (offset by the space's `start`) pass through; the stack
+  where the env cannot render at that size; MuJoCo models with a `track` camera render from it); the env's own
+  observation (a proprioceptive vector) stays out of the model, as for DMC. Box actions (1-D) and Discrete ones (offset by the space's `start`) pass through; the stack
   normalizes or one-hot encodes them. The first reset seeds the env (`reset(seed=seed)`), later resets continue its
   random stream. Each action is repeated `action_repeat` times (rewards summed, stopping at the episode's end) and
   one frame is rendered per agent step. A termination carries `info['discount'] = 0`, a truncation (the env's own
@@ -338,7 +338,6 @@ class Gym:
   """
 
   def __init__(self, name, size=(64, 64), action_repeat=1, seed=None, time_limit=None):
-    from gymnasium import spaces as gym_spaces
     _mujoco_warnings_to_stderr()
     self._name = name
     self._size = tuple(size)
@@ -364,10 +363,10 @@ class Gym:
       raise TaskError(f"Gymnasium env '{name}' cannot render rgb_array frames (its render modes: "
                       f"{', '.join(modes) or 'none'}); Dreamer learns from images, so it needs one that can.")
     space = self._env.action_space
-    if isinstance(space, gym_spaces.Discrete):
+    if isinstance(space, spaces.Discrete):
       self._start = int(space.start)
       self._action_space = spaces.Discrete(int(space.n))
-    elif (isinstance(space, gym_spaces.Box) and len(space.shape) == 1
+    elif (isinstance(space, spaces.Box) and len(space.shape) == 1
           and np.issubdtype(space.dtype, np.floating)):
       self._start = None
       self._action_space = spaces.Box(space.low, space.high, dtype=np.float32)
