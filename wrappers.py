@@ -328,13 +328,14 @@ def _has_tracking_camera(env):
 class Gym:
   """A Gymnasium environment seen through its rendered frames: `gymnasium.make(id, render_mode='rgb_array')`.
 
-  The observation is the image alone (`{'image': uint8 [H, W, 3]}`, the env's frame resized to `size` with PIL
-  where the env cannot render at that size; MuJoCo models with a `track` camera render from it); the env's own
-  observation (a proprioceptive vector) stays out of the model, as for DMC. Box actions (1-D) and Discrete ones (offset by the space's `start`) pass through; the stack
-  normalizes or one-hot encodes them. The first reset seeds the env (`reset(seed=seed)`), later resets continue its
-  random stream. Each action is repeated `action_repeat` times (rewards summed, stopping at the episode's end) and
-  one frame is rendered per agent step. A termination carries `info['discount'] = 0`, a truncation (the env's own
-  time limit, set to `time_limit` env steps when given) `info['discount'] = 1`.
+  The observation is the image alone (`{'image': uint8 [H, W, 3]}`, the env's frame resized to `size` with PIL where
+  the env cannot render at that size; MuJoCo models with a `track` camera render from it); the env's own observation
+  (a proprioceptive vector) stays out of the model, as for DMC. Box actions (1-D) and Discrete ones (offset by the
+  space's `start`) pass through; the stack normalizes or one-hot encodes them. The first reset seeds the env
+  (`reset(seed=seed)`), later resets continue its random stream. Each action is repeated `action_repeat` times
+  (rewards summed, stopping at the episode's end) and one frame is rendered per agent step. A termination carries
+  `info['discount'] = 0`, a truncation (the env's own time limit, set to `time_limit` env steps when given)
+  `info['discount'] = 1`.
   """
 
   def __init__(self, name, size=(64, 64), action_repeat=1, seed=None, time_limit=None):
