@@ -163,7 +163,7 @@ DISCRETE = dict(kl_scale=0.1, horizon=10, clip_rewards='tanh', action_dist='oneh
                 expl_amount=0.4, expl_schedule='linear', expl_decay=3e6, expl_min=0.1, eval_noise=0.001)
 # A suite's settings: Atari's are the paper's (its `atari` and `pcont` configs with `discrete`). Gymnasium tasks get
 # a learned discount (`pcont`, as the paper's code for its tasks with terminations), the discrete settings when
-# their actions are discrete, and the env's own time limit (gym_settings).
+# their actions are discrete, and the env's own time limit (suite_defaults).
 SUITE_DEFAULTS = dict(
     atari=dict(action_repeat=4, time_limit=108000, pcont=True, **DISCRETE),
     gym=dict(pcont=True),

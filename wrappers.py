@@ -160,6 +160,13 @@ def check_atari_game(name):
                   f"Games ({len(games)}): {', '.join(games)}.")
 
 
+def resize(image, size):
+  """A uint8 image [H, W(, C)] resized bilinearly to `size` (height, width) with PIL (Atari's and Gymnasium's
+  frames)."""
+  from PIL import Image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR), np.uint8)  # PIL: (w, h).
+
+
 class Atari:
   """An Atari game on `ale_py.ALEInterface` with the reference's preprocessing.
 
@@ -260,10 +267,8 @@ class Atari:
     self._frames = self._frames[-1:] + [screen]
 
   def _obs(self):
-    from PIL import Image
     image = self._frames[-1] if len(self._frames) == 1 else np.maximum(*self._frames)
-    image = Image.fromarray(image).resize((self._size[1], self._size[0]), Image.BILINEAR)  # PIL takes (w, h).
-    image = np.asarray(image, np.uint8)
+    image = resize(image, self._size)
     return {'image': image[:, :, None] if self._grayscale else image}
 
 
@@ -428,11 +433,8 @@ class Gym:
     frame = np.asarray(frame)
     if frame.ndim != 3 or frame.shape[-1] != 3:
       raise TaskError(f"Gymnasium env '{self._name}' renders frames of shape {frame.shape}; need [H, W, 3].")
-    if frame.shape[:2] != self._size:
-      from PIL import Image
-      frame = np.asarray(Image.fromarray(frame.astype(np.uint8)).resize(
-          (self._size[1], self._size[0]), Image.BILINEAR))  # PIL takes (w, h).
-    return {'image': frame.astype(np.uint8)}
+    frame = frame.astype(np.uint8)
+    return {'image': frame if frame.shape[:2] == self._size else resize(frame, self._size)}
 
 
 @functools.cache  # Once per process: the flags ask twice (their defaults and their check).
