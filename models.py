@@ -5,6 +5,8 @@ global policy when none is given) and hands it to its sublayers; distribution pa
 before any distribution is built, so log-probs, KLs and losses are float32.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -41,6 +43,23 @@ def _bias_add_summed_in_float32(x, bias):
     total = tf.reduce_sum(tf.cast(dy, tf.float32), list(range(dy.shape.rank - 1)))
     return dy, tf.cast(total, bias.dtype)
   return tf.nn.bias_add(x, bias), grad
+
+
+@contextlib.contextmanager
+def computing_in(layers, policy):
+  """Within the block, `layers` and all their sublayers compute in the dtype policy `policy` (e.g. 'float32');
+  their variables, which are float32 under every policy, are untouched. For tracing a graph in another dtype than
+  the one the layers were built with (the agent's float32 acting graph under mixed_bfloat16); the layers' own
+  policies are back on exit."""
+  every = [sub for layer in layers for sub in layer._flatten_layers(include_self=True, recursive=True)]
+  before = [layer.dtype_policy for layer in every]
+  try:
+    for layer in every:
+      layer.dtype_policy = policy
+    yield
+  finally:
+    for layer, own in zip(every, before):
+      layer.dtype_policy = own
 
 
 class Dense(keras.layers.Dense):

@@ -220,7 +220,8 @@ def test_the_bfloat16_actor_is_compiled_too_the_float16_one_not(precision, jit):
   for step in range(3):
     action, state = agent.policy(images(2, step), np.array([step == 0] * 2), state, True)
     assert action.shape == (2, 3) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
-  assert state[0]['deter'].dtype == agent._float  # The recurrent state stays in the compute dtype.
+  # The recurrent state stays in the acting dtype: float32 under bfloat16 (test_precision.py), else the compute one.
+  assert state[0]['deter'].dtype == {'mixed_bfloat16': 'float32', 'mixed_float16': 'float16'}[precision]
 
 
 # Reward clipping ----------------------------------------------------------------------------------------------------
