@@ -71,22 +71,94 @@ class Dense(keras.layers.Dense):
 
 
 class Conv2D(keras.layers.Conv2D):
-  """keras.layers.Conv2D with its bias added by bias_add."""
+  """keras.layers.Conv2D with its bias added by bias_add. `matmul_filter_grad`: the filter gradient is one matmul of
+  the input's patches (conv2d_matmul_filter_grad), for a layer with few output pixels."""
+
+  def __init__(self, *args, matmul_filter_grad=False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._matmul_filter_grad = matmul_filter_grad
+    if matmul_filter_grad:
+      assert self.padding == 'valid' and self.data_format == 'channels_last' and self.dilation_rate == (1, 1)
 
   def call(self, inputs):
-    x = bias_add(self.convolution_op(inputs, self.kernel), self.bias)
+    if self._matmul_filter_grad:
+      x = conv2d_matmul_filter_grad(inputs, tf.cast(self.kernel, inputs.dtype), self.strides[0])
+    else:
+      x = self.convolution_op(inputs, self.kernel)
+    x = bias_add(x, self.bias)
     return self.activation(x) if self.activation is not None else x
 
 
 class Conv2DTranspose(keras.layers.Conv2DTranspose):
-  """keras.layers.Conv2DTranspose with its bias added by bias_add."""
+  """keras.layers.Conv2DTranspose with its bias added by bias_add. `subpixel`: the forward pass is
+  conv2d_transpose_subpixel (stride 2, valid padding, an even kernel), for a layer with few output channels."""
+
+  def __init__(self, *args, subpixel=False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._subpixel = subpixel
+    if subpixel:
+      assert self.strides == (2, 2) and self.padding == 'valid' and self.kernel_size[0] % 2 == 0
+      assert self.data_format == 'channels_last' and self.output_padding is None
 
   def call(self, inputs):
-    x = keras.ops.conv_transpose(inputs, self.kernel, strides=list(self.strides), padding=self.padding,
-                                 output_padding=self.output_padding, dilation_rate=self.dilation_rate,
-                                 data_format=self.data_format)
+    if self._subpixel:
+      x = conv2d_transpose_subpixel(inputs, tf.cast(self.kernel, inputs.dtype))
+    else:
+      x = keras.ops.conv_transpose(inputs, self.kernel, strides=list(self.strides), padding=self.padding,
+                                   output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+                                   data_format=self.data_format)
     x = bias_add(x, self.bias)
     return self.activation(x) if self.activation is not None else x
+
+
+def conv2d_matmul_filter_grad(x, kernel, stride):
+  """tf.nn.conv2d(x, kernel, stride, 'VALID'), x [N, H, W, C], kernel [k, k, C, out], with its filter gradient
+  computed as one matmul: the input's k x k patches at the output pixels [N * pixels, k * k * C] (transposed) times
+  the output gradient [N * pixels, out]. The same sums in another order. oneDNN's own filter gradient of the
+  encoder's last layer ([N, 6, 6, 4 * depth] -> [N, 2, 2, 8 * depth]) ran at an eighth of the matmul peak; the
+  matmul takes about half its time (docs/speed.md, session 11). The forward pass and the input gradient are
+  TensorFlow's."""
+  strides = [1, stride, stride, 1]
+
+  @tf.custom_gradient
+  def conv(x, kernel):
+    def grad(dy):
+      k, _, channels, out = kernel.shape
+      rows, cols = dy.shape[1], dy.shape[2]
+      patches = tf.stack([x[:, stride * i:stride * i + k, stride * j:stride * j + k, :]
+                          for i in range(rows) for j in range(cols)], 1)  # [N, rows * cols, k, k, C]
+      patches = tf.reshape(patches, [-1, k * k * channels])
+      dkernel = tf.matmul(patches, tf.reshape(dy, [-1, out]), transpose_a=True)  # [k * k * C, out]
+      dx = tf.raw_ops.Conv2DBackpropInput(
+          input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=strides, padding='VALID')
+      return dx, tf.reshape(dkernel, kernel.shape)
+    return tf.nn.conv2d(x, kernel, strides, 'VALID'), grad
+
+  return conv(x, kernel)
+
+
+@tf.custom_gradient
+def conv2d_transpose_subpixel(x, kernel):
+  """The stride-2, valid-padding transposed convolution of x [N, H, W, C] with an even kernel [k, k, out, C], as
+  a stride-1 convolution to the 4 output phases (4 * out channels) and depth_to_space: output pixel (2m + p,
+  2n + q) takes kernel rows p, p + 2, ... and columns q, q + 2, ..., so each phase is a (k/2) x (k/2) convolution
+  of x padded by k/2 - 1. The same sums in another order. oneDNN's transposed convolution to the decoder's 3
+  channels ran at a seventh of its speed to 32 (docs/speed.md, session 11). The gradients are the transposed
+  convolution's own (a strided convolution and a filter gradient), which oneDNN runs fast."""
+  k, _, out, channels = kernel.shape
+  half = k // 2
+  phases = tf.reverse(tf.reshape(kernel, [half, 2, half, 2, out, channels]), [0, 2])  # [a, p, b, q, out, C]
+  phases = tf.reshape(tf.transpose(phases, [0, 2, 5, 1, 3, 4]), [half, half, channels, 4 * out])
+  padded = tf.pad(x, [[0, 0], [half - 1, half - 1], [half - 1, half - 1], [0, 0]])
+  y = tf.nn.depth_to_space(tf.nn.conv2d(padded, phases, 1, 'VALID'), 2)  # [N, 2H + k - 2, 2W + k - 2, out]
+
+  def grad(dy):
+    strides = [1, 2, 2, 1]
+    dx = tf.nn.conv2d(dy, kernel, strides, 'VALID')
+    dkernel = tf.raw_ops.Conv2DBackpropFilter(
+        input=dy, filter_sizes=tf.shape(kernel), out_backprop=x, strides=strides, padding='VALID')
+    return dx, dkernel
+  return y, grad
 
 
 class _Composite(keras.layers.Layer):
@@ -208,7 +280,8 @@ class ConvEncoder(_Composite):
     self.h1 = Conv2D(1 * depth, 4, name='h1', **kw)
     self.h2 = Conv2D(2 * depth, 4, name='h2', **kw)
     self.h3 = Conv2D(4 * depth, 4, name='h3', **kw)
-    self.h4 = Conv2D(8 * depth, 4, name='h4', **kw)
+    # Its output is 2 x 2 pixels: the filter gradient is faster as a matmul (conv2d_matmul_filter_grad).
+    self.h4 = Conv2D(8 * depth, 4, name='h4', matmul_filter_grad=True, **kw)
 
   def call(self, obs):
     """obs['image'] [..., 64, 64, 3] float -> embed [..., 32 * depth] in the compute dtype."""
@@ -230,7 +303,8 @@ class ConvDecoder(_Composite):
     self.h2 = Conv2DTranspose(4 * depth, 5, name='h2', **kw)
     self.h3 = Conv2DTranspose(2 * depth, 5, name='h3', **kw)
     self.h4 = Conv2DTranspose(1 * depth, 6, name='h4', **kw)
-    self.h5 = Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5', dtype=self.dtype_policy)
+    # To 3 channels: faster as a convolution to the 4 output phases (conv2d_transpose_subpixel).
+    self.h5 = Conv2DTranspose(self._shape[-1], 6, strides=2, name='h5', subpixel=True, dtype=self.dtype_policy)
 
   def call(self, features):
     """features [..., F] -> Independent(Normal(mean, 1)) over [..., 64, 64, 3], float32."""

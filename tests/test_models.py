@@ -546,3 +546,74 @@ def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
   grad = tape.gradient(y, layer.bias, output_gradients=dy).numpy()
   truth = tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(y.shape) - 1))).numpy()
   np.testing.assert_allclose(grad, truth, rtol=2 ** -8)
+
+
+def _value_and_grads(fn, x, kernel, dy):
+  with tf.GradientTape() as tape:
+    tape.watch([x, kernel])
+    y = fn(x, kernel)
+  return [y, *tape.gradient(y, [x, kernel], output_gradients=dy)]
+
+
+@pytest.mark.parametrize('dtype, rtol', [(tf.float64, 1e-12), (tf.float32, 1e-5)])
+@pytest.mark.parametrize('shape, kernel_shape', [
+    ((3, 30, 30, 8), (6, 6, 3, 8)),  # The decoder's last layer at depth 8.
+    ((3, 13, 13, 16), (6, 6, 8, 16)),  # Its h4 (more channels out).
+    ((2, 5, 7, 4), (4, 4, 5, 4)),  # Not square, another even kernel.
+])
+def test_subpixel_transposed_convolution_is_tensorflows_with_its_gradients(dtype, rtol, shape, kernel_shape):
+  """conv2d_transpose_subpixel (the decoder's h5) computes TensorFlow's stride-2 valid transposed convolution, and
+  its input and filter gradients."""
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(size=shape), dtype)
+  kernel = tf.constant(rng.normal(size=kernel_shape), dtype)
+  k, out = kernel_shape[0], kernel_shape[2]
+  size = [shape[0], 2 * shape[1] + k - 2, 2 * shape[2] + k - 2, out]
+  dy = tf.constant(rng.normal(size=size), dtype)
+  expected = _value_and_grads(lambda x, w: tf.nn.conv2d_transpose(x, w, size, 2, 'VALID'), x, kernel, dy)
+  got = _value_and_grads(models.conv2d_transpose_subpixel, x, kernel, dy)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), got, expected):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=rtol * 10, err_msg=name)
+
+
+@pytest.mark.parametrize('dtype, rtol', [(tf.float64, 1e-12), (tf.float32, 1e-5)])
+@pytest.mark.parametrize('shape, kernel_shape, stride', [
+    ((3, 6, 6, 8), (4, 4, 8, 16), 2),  # The encoder's last layer at depth 2: 2 x 2 output pixels.
+    ((2, 9, 7, 3), (3, 3, 3, 5), 2),  # 4 x 3 output pixels.
+    ((2, 5, 5, 3), (2, 2, 3, 4), 1),
+])
+def test_matmul_filter_gradient_convolution_is_tensorflows_with_its_gradients(dtype, rtol, shape, kernel_shape,
+                                                                               stride):
+  """conv2d_matmul_filter_grad (the encoder's h4) computes TensorFlow's valid convolution and its gradients."""
+  rng = np.random.default_rng(1)
+  x = tf.constant(rng.normal(size=shape), dtype)
+  kernel = tf.constant(rng.normal(size=kernel_shape), dtype)
+  rows = (shape[1] - kernel_shape[0]) // stride + 1
+  cols = (shape[2] - kernel_shape[1]) // stride + 1
+  dy = tf.constant(rng.normal(size=(shape[0], rows, cols, kernel_shape[3])), dtype)
+  expected = _value_and_grads(lambda x, w: tf.nn.conv2d(x, w, stride, 'VALID'), x, kernel, dy)
+  got = _value_and_grads(lambda x, w: models.conv2d_matmul_filter_grad(x, w, stride), x, kernel, dy)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), got, expected):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=rtol * 10, err_msg=name)
+
+
+def test_the_encoder_and_decoder_use_the_faster_formulations_at_their_shapes():
+  """The encoder's last layer has the matmul filter gradient, the decoder's last the subpixel forward pass, and
+  in bfloat16 both stay within bfloat16 rounding of TensorFlow's own ops at the layers' shapes."""
+  encoder, decoder = models.ConvEncoder(4, dtype='mixed_bfloat16'), models.ConvDecoder(4, dtype='mixed_bfloat16')
+  assert encoder.h4._matmul_filter_grad and not any(l._matmul_filter_grad for l in (encoder.h1, encoder.h2, encoder.h3))
+  assert decoder.h5._subpixel and not any(l._subpixel for l in (decoder.h2, decoder.h3, decoder.h4))
+  rng = np.random.default_rng(2)
+  for fn, reference, shape, kernel_shape, out in (
+      (models.conv2d_transpose_subpixel, lambda x, w: tf.nn.conv2d_transpose(x, w, [64, 64, 64, 3], 2, 'VALID'),
+       (64, 30, 30, 4), (6, 6, 3, 4), (64, 64, 64, 3)),
+      (lambda x, w: models.conv2d_matmul_filter_grad(x, w, 2), lambda x, w: tf.nn.conv2d(x, w, 2, 'VALID'),
+       (64, 6, 6, 16), (4, 4, 16, 32), (64, 2, 2, 32))):
+    x, kernel, dy = (tf.constant(rng.normal(size=s), tf.float32) for s in (shape, kernel_shape, out))
+    expected = _value_and_grads(reference, x, kernel, dy)
+    got = _value_and_grads(fn, *(tf.cast(t, tf.bfloat16) for t in (x, kernel, dy)))
+    for a, b in zip(got, expected):
+      scale = np.abs(b.numpy()).max()
+      assert np.abs(tf.cast(a, tf.float32).numpy() - b.numpy()).max() < 2 ** -6 * scale
