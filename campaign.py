@@ -8,7 +8,7 @@ with the method's flags (METHODS, or `NAME="--flag value ..."` on the command li
 another. Started again, the same command resumes the unfinished run from its logdir (dreamer.py resumes from the
 episodes and checkpoint on disk) and skips the finished ones. A finished run is evaluated once
 (`--eval_only True --eval_episodes N`, eval.json). Its small files (config.json, metrics.jsonl, eval.json and
-run.json: wall seconds, steps and the machine of every stretch it ran) are copied to `--copy
+run.json: wall seconds, steps, the machine and the code's commit of every stretch it ran) are copied to `--copy
 <dir>/<task>/<method>/<seed>/` every few minutes, to be committed, so that the evidence outlives the machine; the
 replay stays in OUTDIR. A run whose logdir is gone while its copy exists starts again from nothing, and run.json
 records that (`restarts`). No TensorFlow in this process.
@@ -167,7 +167,7 @@ class Run:
         (self.copy / name).unlink(missing_ok=True)
       print(f'{self.name}: its logdir {self.logdir} is gone; the run starts again from nothing.', flush=True)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    stretch = dict(start=now(), steps_from=last_step(self.logdir))
+    stretch = dict(start=now(), steps_from=last_step(self.logdir), code=code_version())
     info['stretches'].append(stretch)
     self.save(info)
     left = None if limit is None else limit - info['seconds']
@@ -220,6 +220,17 @@ class Run:
     info.update(evaluated=now(), eval_exit_code=code)
     self.save(info)
     return code
+
+
+def code_version():
+  """The commit of the code the runs use (`git describe --always --dirty`: `-dirty` when files differ from it), or
+  None outside a git checkout: a stretch's results belong to the code it ran."""
+  try:
+    out = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=pathlib.Path(__file__).parent,
+                         capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return out.stdout.strip() if out.returncode == 0 else None
 
 
 def now():
