@@ -39,10 +39,18 @@ def bias_add(x, bias):
 
 @tf.custom_gradient
 def _bias_add_summed_in_float32(x, bias):
-  def grad(dy):
-    total = tf.reduce_sum(tf.cast(dy, tf.float32), list(range(dy.shape.rank - 1)))
-    return dy, tf.cast(total, bias.dtype)
-  return tf.nn.bias_add(x, bias), grad
+  return tf.nn.bias_add(x, bias), lambda dy: (dy, _channel_sum(dy))
+
+
+def _channel_sum(dy):
+  """dy [..., C] summed over all but the last axis, accumulated in float32, in dy's dtype: a bias gradient."""
+  axes = list(range(dy.shape.rank - 1))
+  if dy.dtype == tf.float16:
+    return tf.cast(tf.reduce_sum(tf.cast(dy, tf.float32), axes), dy.dtype)
+  # TensorFlow's Sum accumulates bfloat16 in float32 (kernels/reduction_ops.h) and rounds only the result: the
+  # float32 sum without a float32 copy of dy, which cost a third of a second per paper-size step (docs/speed.md,
+  # session 11).
+  return tf.reduce_sum(dy, axes)
 
 
 @contextlib.contextmanager
@@ -102,12 +110,12 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
 
   def call(self, inputs):
     if self._subpixel:
-      x = conv2d_transpose_subpixel(inputs, tf.cast(self.kernel, inputs.dtype))
+      x = conv2d_transpose_subpixel(inputs, tf.cast(self.kernel, inputs.dtype), tf.cast(self.bias, inputs.dtype))
     else:
       x = keras.ops.conv_transpose(inputs, self.kernel, strides=list(self.strides), padding=self.padding,
                                    output_padding=self.output_padding, dilation_rate=self.dilation_rate,
                                    data_format=self.data_format)
-    x = bias_add(x, self.bias)
+      x = bias_add(x, self.bias)
     return self.activation(x) if self.activation is not None else x
 
 
@@ -138,26 +146,29 @@ def conv2d_matmul_filter_grad(x, kernel, stride):
 
 
 @tf.custom_gradient
-def conv2d_transpose_subpixel(x, kernel):
-  """The stride-2, valid-padding transposed convolution of x [N, H, W, C] with an even kernel [k, k, out, C], as
-  a stride-1 convolution to the 4 output phases (4 * out channels) and depth_to_space: output pixel (2m + p,
-  2n + q) takes kernel rows p, p + 2, ... and columns q, q + 2, ..., so each phase is a (k/2) x (k/2) convolution
-  of x padded by k/2 - 1. The same sums in another order. oneDNN's transposed convolution to the decoder's 3
-  channels ran at a seventh of its speed to 32 (docs/speed.md, session 11). The gradients are the transposed
-  convolution's own (a strided convolution and a filter gradient), which oneDNN runs fast."""
+def conv2d_transpose_subpixel(x, kernel, bias):
+  """The stride-2, valid-padding transposed convolution of x [N, H, W, C] with an even kernel [k, k, out, C], plus
+  bias [out], as a stride-1 convolution to the 4 output phases (4 * out channels) and depth_to_space: output
+  pixel (2m + p, 2n + q) takes kernel rows p, p + 2, ... and columns q, q + 2, ..., so each phase is a
+  (k/2) x (k/2) convolution of x padded by k/2 - 1. The same sums in another order. oneDNN's transposed
+  convolution to the decoder's 3 channels ran at a seventh of its speed to 32, and the bias (added to the 4
+  phases before depth_to_space) fuses with this convolution (docs/speed.md, session 11). The gradients are the
+  transposed convolution's own (a strided convolution and a filter gradient), which oneDNN runs fast, and the
+  bias's summed as bias_add sums it."""
   k, _, out, channels = kernel.shape
   half = k // 2
   phases = tf.reverse(tf.reshape(kernel, [half, 2, half, 2, out, channels]), [0, 2])  # [a, p, b, q, out, C]
   phases = tf.reshape(tf.transpose(phases, [0, 2, 5, 1, 3, 4]), [half, half, channels, 4 * out])
   padded = tf.pad(x, [[0, 0], [half - 1, half - 1], [half - 1, half - 1], [0, 0]])
-  y = tf.nn.depth_to_space(tf.nn.conv2d(padded, phases, 1, 'VALID'), 2)  # [N, 2H + k - 2, 2W + k - 2, out]
+  y = tf.nn.bias_add(tf.nn.conv2d(padded, phases, 1, 'VALID'), tf.tile(bias, [4]))  # Channels (p, q, out).
+  y = tf.nn.depth_to_space(y, 2)  # [N, 2H + k - 2, 2W + k - 2, out]
 
   def grad(dy):
     strides = [1, 2, 2, 1]
     dx = tf.nn.conv2d(dy, kernel, strides, 'VALID')
     dkernel = tf.raw_ops.Conv2DBackpropFilter(
         input=dy, filter_sizes=tf.shape(kernel), out_backprop=x, strides=strides, padding='VALID')
-    return dx, dkernel
+    return dx, dkernel, _channel_sum(dy)
   return y, grad
 
 

@@ -548,11 +548,11 @@ def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
   np.testing.assert_allclose(grad, truth, rtol=2 ** -8)
 
 
-def _value_and_grads(fn, x, kernel, dy):
+def _value_and_grads(fn, x, kernel, dy, *bias):
   with tf.GradientTape() as tape:
-    tape.watch([x, kernel])
-    y = fn(x, kernel)
-  return [y, *tape.gradient(y, [x, kernel], output_gradients=dy)]
+    tape.watch([x, kernel, *bias])
+    y = fn(x, kernel, *bias)
+  return [y, *tape.gradient(y, [x, kernel, *bias], output_gradients=dy)]
 
 
 @pytest.mark.parametrize('dtype, rtol', [(tf.float64, 1e-12), (tf.float32, 1e-5)])
@@ -562,17 +562,18 @@ def _value_and_grads(fn, x, kernel, dy):
     ((2, 5, 7, 4), (4, 4, 5, 4)),  # Not square, another even kernel.
 ])
 def test_subpixel_transposed_convolution_is_tensorflows_with_its_gradients(dtype, rtol, shape, kernel_shape):
-  """conv2d_transpose_subpixel (the decoder's h5) computes TensorFlow's stride-2 valid transposed convolution, and
-  its input and filter gradients."""
+  """conv2d_transpose_subpixel (the decoder's h5) computes TensorFlow's stride-2 valid transposed convolution plus a
+  bias, and its input, filter and bias gradients."""
   rng = np.random.default_rng(0)
   x = tf.constant(rng.normal(size=shape), dtype)
   kernel = tf.constant(rng.normal(size=kernel_shape), dtype)
   k, out = kernel_shape[0], kernel_shape[2]
   size = [shape[0], 2 * shape[1] + k - 2, 2 * shape[2] + k - 2, out]
   dy = tf.constant(rng.normal(size=size), dtype)
-  expected = _value_and_grads(lambda x, w: tf.nn.conv2d_transpose(x, w, size, 2, 'VALID'), x, kernel, dy)
-  got = _value_and_grads(models.conv2d_transpose_subpixel, x, kernel, dy)
-  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), got, expected):
+  bias = tf.constant(rng.normal(size=out), dtype)
+  expected = _value_and_grads(lambda x, w, b: tf.nn.conv2d_transpose(x, w, size, 2, 'VALID') + b, x, kernel, dy, bias)
+  got = _value_and_grads(models.conv2d_transpose_subpixel, x, kernel, dy, bias)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient', 'bias gradient'), got, expected):
     assert a.shape == b.shape, name
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=rtol * 10, err_msg=name)
 
@@ -607,8 +608,9 @@ def test_the_encoder_and_decoder_use_the_faster_formulations_at_their_shapes():
   assert decoder.h5._subpixel and not any(l._subpixel for l in (decoder.h2, decoder.h3, decoder.h4))
   rng = np.random.default_rng(2)
   for fn, reference, shape, kernel_shape, out in (
-      (models.conv2d_transpose_subpixel, lambda x, w: tf.nn.conv2d_transpose(x, w, [64, 64, 64, 3], 2, 'VALID'),
-       (64, 30, 30, 4), (6, 6, 3, 4), (64, 64, 64, 3)),
+      (lambda x, w: models.conv2d_transpose_subpixel(x, w, tf.ones(3, x.dtype)),
+       lambda x, w: tf.nn.conv2d_transpose(x, w, [64, 64, 64, 3], 2, 'VALID') + 1, (64, 30, 30, 4), (6, 6, 3, 4),
+       (64, 64, 64, 3)),
       (lambda x, w: models.conv2d_matmul_filter_grad(x, w, 2), lambda x, w: tf.nn.conv2d(x, w, 2, 'VALID'),
        (64, 6, 6, 16), (4, 4, 16, 32), (64, 2, 2, 32))):
     x, kernel, dy = (tf.constant(rng.normal(size=s), tf.float32) for s in (shape, kernel_shape, out))
