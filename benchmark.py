@@ -154,10 +154,11 @@ def _kernel_fn(kind, shapes, dtype, attrs, repeats):
   return lambda: run(*inputs).numpy()
 
 
-def kernel_floor(graph, budget_s=0.3):
+def kernel_floor(graph, budget_s=0.3, largest=12):
   """The train step's kernel floor: each convolution (forward and both gradients) and matmul of the traced step
   timed alone at its shapes and dtype, on all cores, times its calls per step, summed. Returns (floor in seconds,
-  seconds by op type). Each kernel runs in blocks of repeats lasting about `budget_s`; the fastest of three blocks
+  seconds by op type, the `largest` kernels by their seconds per step: op, shapes, dtype, calls, ms per call and
+  per step, GFLOP/s). Each kernel runs in blocks of repeats lasting about `budget_s`; the fastest of three blocks
   counts (the empty function's own call time subtracted). Grappler is off for these small functions (oneDNN's
   rewrite is not part of it and stays): it would merge the identical repeats into one."""
   options = tf.config.optimizer.get_experimental_options()
@@ -166,7 +167,7 @@ def kernel_floor(graph, budget_s=0.3):
     empty = tf.function(lambda: tf.zeros(()))
     empty()
     overhead = min(_timed(lambda: empty().numpy()) for _ in range(20))
-    total, by_kind = 0.0, collections.Counter()
+    total, by_kind, rows = 0.0, collections.Counter(), []
     for (kind, shapes, dtype, attrs), calls in kernel_calls(graph).items():
       once = _kernel_fn(kind, shapes, dtype, attrs, 1)
       once()  # Traces; oneDNN creates its kernel for the shape.
@@ -177,9 +178,33 @@ def kernel_floor(graph, budget_s=0.3):
       seconds = max(min(_timed(block) for _ in range(3)) - overhead, 0.0) / repeats
       total += seconds * calls
       by_kind[kind] += seconds * calls
+      rows.append(dict(op=kind, shapes=[list(s) for s in shapes], dtype=dtype, calls=calls,
+                       ms_per_call=1e3 * seconds, ms=1e3 * seconds * calls,
+                       gflops=kernel_flops(kind, shapes, dict(attrs)) / max(seconds, 1e-9) / 1e9))
   finally:
     tf.config.optimizer.set_experimental_options(options)
-  return total, dict(by_kind.most_common())
+  rows.sort(key=lambda row: -row['ms'])
+  return total, dict(by_kind.most_common()), rows[:largest]
+
+
+def kernel_flops(kind, shapes, attrs):
+  """FLOPs of one kernel call of kernel_calls' (op type, shapes, attributes), counted as graph_flops counts them."""
+  if kind == 'Conv2D':  # (input, filter): the output's positions from the strides and padding.
+    (n, h, w, _), (kh, kw, _, _) = shapes[0], shapes[1]
+    strides = attrs['strides']
+    if attrs['padding'] == b'VALID':
+      rows, cols = (h - kh) // strides[1] + 1, (w - kw) // strides[2] + 1
+    else:
+      rows, cols = -(-h // strides[1]), -(-w // strides[2])
+    return 2 * _size(shapes[1]) * n * rows * cols
+  if kind in ('Conv2DBackpropInput', 'Conv2DBackpropFilter'):  # (input, filter, out_backprop) sizes.
+    return 2 * _size(shapes[1]) * _size(shapes[2][:-1])
+  a, b = shapes
+  first, second = (('transpose_a', 'transpose_b') if kind == 'MatMul' else ('adj_x', 'adj_y'))
+  m, k = (a[-1], a[-2]) if attrs[first] else (a[-2], a[-1])
+  n = b[-2] if attrs[second] else b[-1]
+  batch = _size(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))
+  return 2 * batch * m * k * n
 
 
 def _timed(fn):
@@ -312,9 +337,10 @@ def _measure(config, make_agent, make_dataset, env, process_start, policy_name):
     except Exception as e:  # The profile is extra information; the measurements stand without it.
       print(f'No op profile: {e}')
     result['peak_gflops'] = peak_gflops(tf.as_dtype(keras.mixed_precision.Policy(policy_name).compute_dtype))
-    floor, by_kind = kernel_floor(graph)
+    floor, by_kind, largest = kernel_floor(graph)
     result['kernel_floor_s'] = floor
     result['kernel_floor_s_by_op'] = by_kind
+    result['kernel_floor_largest'] = largest  # Where a faster formulation would pay (docs/speed.md, session 11).
     result['train_step_over_kernel_floor'] = result['train_step_s']['median'] / floor
 
     # Policy step: one observation, the training policy (sample + exploration), as in collection. The machine's

@@ -56,15 +56,18 @@ def test_graph_flops_counts_a_loop_body_once_per_iteration():
 def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_them():
   weight = tf.Variable(tf.random.normal((4, 4)))
   kernel = tf.Variable(tf.random.normal((3, 3, 3, 4)))
+  # Not square: the gradients include [3, 2] x [5, 2]^T (n = 5 from the transposed b) and [5, 3]^T-style matmuls.
+  proj, head = tf.Variable(tf.random.normal((2, 5))), tf.Variable(tf.random.normal((5, 2)))
 
   @tf.function
   def step(inputs, image):  # [7, 2, 4], [2, 8, 8, 3]
     with tf.GradientTape() as tape:
       states = tf.scan(lambda state, x: tf.matmul(state + x, weight), inputs, tf.zeros((2, 4)))
       loss = tf.reduce_sum(states) + tf.reduce_sum(tf.nn.conv2d(image, kernel, 1, 'VALID'))
-    grads = tape.gradient(loss, [weight, kernel])
-    weight.assign_sub(0.1 * grads[0])
-    kernel.assign_sub(0.1 * grads[1])
+      loss += tf.reduce_sum(tf.transpose(image[:, 0, :3, 0]) @ proj @ head)  # [3, 2] @ [2, 5] @ [5, 2]
+    grads = tape.gradient(loss, [weight, kernel, proj, head])
+    for variable, grad in zip((weight, kernel, proj, head), grads):
+      variable.assign_sub(0.1 * grad)
     return loss
 
   graph = step.get_concrete_function(tf.zeros((7, 2, 4)), tf.zeros((2, 8, 8, 3))).graph
@@ -73,12 +76,27 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
   for (kind, shapes, dtype, _), count in calls.items():
     assert dtype == 'float32'
     by_kind[kind] = by_kind.get(kind, 0) + count
-  assert by_kind == {'MatMul': 7 * 3, 'Conv2D': 1, 'Conv2DBackpropFilter': 1}, by_kind
+  assert by_kind == {'MatMul': 7 * 3 + 5, 'Conv2D': 1, 'Conv2DBackpropFilter': 1}, by_kind
   conv = [key for key in calls if key[0] == 'Conv2D'][0]
   assert conv[1] == ((2, 8, 8, 3), (3, 3, 3, 4)) and dict(conv[3])['padding'] == b'VALID'
-  floor, seconds = benchmark.kernel_floor(graph, budget_s=0.05)
+  # Each kernel's FLOPs, times its calls, add up to what graph_flops counts for those ops.
+  counted = {}
+  for (kind, shapes, _, attrs), count in calls.items():
+    counted[kind] = counted.get(kind, 0) + count * benchmark.kernel_flops(kind, shapes, dict(attrs))
+  flops = benchmark.graph_flops(graph)
+  assert counted == {kind: flops[kind] for kind in counted}, (counted, flops)
+  assert counted['Conv2D'] == 2 * (3 * 3 * 3 * 4) * (2 * 6 * 6)
+  floor, seconds, largest = benchmark.kernel_floor(graph, budget_s=0.05)
   assert set(seconds) == set(by_kind) and all(s > 0 for s in seconds.values())
   assert np.isclose(floor, sum(seconds.values()))
+  # The largest kernels (here all 4 of them), by time per step, with their rates.
+  assert len(largest) == len(calls) and [r['ms'] for r in largest] == sorted((r['ms'] for r in largest), reverse=True)
+  assert np.isclose(sum(r['ms'] for r in largest), 1e3 * floor)
+  for row in largest:
+    key = next(k for k in calls if k[0] == row['op'] and [list(s) for s in k[1]] == row['shapes'])
+    assert row['calls'] == calls[key] and np.isclose(row['ms'], row['ms_per_call'] * row['calls'])
+    rate = benchmark.kernel_flops(*key[:2], dict(key[3])) / (row['ms_per_call'] / 1e3) / 1e9
+    assert np.isclose(row['gflops'], rate, rtol=1e-3), row
 
 
 @pytest.mark.e2e
@@ -102,6 +120,7 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert {'Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul'} <= set(data['kernel_floor_s_by_op'])
   assert np.isclose(data['kernel_floor_s'], sum(data['kernel_floor_s_by_op'].values()))
   assert 0 < data['kernel_floor_s'] < data['train_step_s']['median']
+  assert 0 < len(data['kernel_floor_largest']) <= 12 and data['kernel_floor_largest'][0]['gflops'] > 0
   assert np.isclose(data['train_step_over_kernel_floor'], data['train_step_s']['median'] / data['kernel_floor_s'])
   assert 0 < data['policy_step_ms']['median'] < 1000 and 0 < data['env_step_ms']['median'] < 1000
   # The float32 actor's policy is XLA-compiled by default; the plain graph is timed in turns beside it.
