@@ -180,7 +180,7 @@ def kernel_floor(graph, budget_s=0.3, largest=12):
       by_kind[kind] += seconds * calls
       rows.append(dict(op=kind, shapes=[list(s) for s in shapes], dtype=dtype, calls=calls,
                        ms_per_call=1e3 * seconds, ms=1e3 * seconds * calls,
-                       gflops=kernel_flops(kind, shapes, dict(attrs)) / max(seconds, 1e-9) / 1e9))
+                       gflops=kernel_flops(kind, shapes, dict(attrs)) / seconds / 1e9 if seconds else None))
   finally:
     tf.config.optimizer.set_experimental_options(options)
   rows.sort(key=lambda row: -row['ms'])
@@ -192,6 +192,8 @@ def kernel_flops(kind, shapes, attrs):
   if kind == 'Conv2D':  # (input, filter): the output's positions from the strides and padding.
     (n, h, w, _), (kh, kw, _, _) = shapes[0], shapes[1]
     strides = attrs['strides']
+    assert attrs['data_format'] == b'NHWC' and attrs['padding'] in (b'VALID', b'SAME'), attrs
+    assert list(attrs['dilations']) == [1, 1, 1, 1], attrs
     if attrs['padding'] == b'VALID':
       rows, cols = (h - kh) // strides[1] + 1, (w - kw) // strides[2] + 1
     else:

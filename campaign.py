@@ -223,14 +223,19 @@ class Run:
 
 
 def code_version():
-  """The commit of the code the runs use (`git describe --always --dirty`: `-dirty` when files differ from it), or
-  None outside a git checkout: a stretch's results belong to the code it ran."""
+  """The commit of the code the runs use (`git rev-parse --short HEAD`, with `-dirty` when a tracked Python file
+  differs from it; the runs' copied files and the docs do not count), or None outside a git checkout: a stretch's
+  results belong to the code it ran. No optional locks: a commit beside it must not find the index locked."""
+  git = ['git', '--no-optional-locks', '-C', str(pathlib.Path(__file__).parent)]
   try:
-    out = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=pathlib.Path(__file__).parent,
-                         capture_output=True, text=True, timeout=30)
+    head = subprocess.run(git + ['rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=30)
+    status = subprocess.run(git + ['status', '--porcelain', '--untracked-files=no', '--', '*.py'],
+                            capture_output=True, text=True, timeout=30)
   except (OSError, subprocess.TimeoutExpired):
     return None
-  return out.stdout.strip() if out.returncode == 0 else None
+  if head.returncode != 0:
+    return None
+  return head.stdout.strip() + ('-dirty' if status.stdout.strip() else '')
 
 
 def now():

@@ -85,8 +85,9 @@ class Conv2D(keras.layers.Conv2D):
   def __init__(self, *args, matmul_filter_grad=False, **kwargs):
     super().__init__(*args, **kwargs)
     self._matmul_filter_grad = matmul_filter_grad
-    if matmul_filter_grad:
+    if matmul_filter_grad:  # What conv2d_matmul_filter_grad computes.
       assert self.padding == 'valid' and self.data_format == 'channels_last' and self.dilation_rate == (1, 1)
+      assert self.strides[0] == self.strides[1] and self.groups == 1 and self.use_bias
 
   def call(self, inputs):
     if self._matmul_filter_grad:
@@ -104,8 +105,9 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
   def __init__(self, *args, subpixel=False, **kwargs):
     super().__init__(*args, **kwargs)
     self._subpixel = subpixel
-    if subpixel:
-      assert self.strides == (2, 2) and self.padding == 'valid' and self.kernel_size[0] % 2 == 0
+    if subpixel:  # What conv2d_transpose_subpixel computes.
+      assert self.strides == (2, 2) and self.padding == 'valid' and self.dilation_rate == (1, 1)
+      assert self.kernel_size[0] == self.kernel_size[1] and self.kernel_size[0] % 2 == 0 and self.use_bias
       assert self.data_format == 'channels_last' and self.output_padding is None
 
   def call(self, inputs):

@@ -58,6 +58,7 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
   kernel = tf.Variable(tf.random.normal((3, 3, 3, 4)))
   # Not square: the gradients include [3, 2] x [5, 2]^T (n = 5 from the transposed b) and [5, 3]^T-style matmuls.
   proj, head = tf.Variable(tf.random.normal((2, 5))), tf.Variable(tf.random.normal((5, 2)))
+  wide = tf.Variable(tf.random.normal((5, 5, 3, 2)))
 
   @tf.function
   def step(inputs, image):  # [7, 2, 4], [2, 8, 8, 3]
@@ -65,10 +66,14 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
       states = tf.scan(lambda state, x: tf.matmul(state + x, weight), inputs, tf.zeros((2, 4)))
       loss = tf.reduce_sum(states) + tf.reduce_sum(tf.nn.conv2d(image, kernel, 1, 'VALID'))
       loss += tf.reduce_sum(tf.transpose(image[:, 0, :3, 0]) @ proj @ head)  # [3, 2] @ [2, 5] @ [5, 2]
-    grads = tape.gradient(loss, [weight, kernel, proj, head])
-    for variable, grad in zip((weight, kernel, proj, head), grads):
+      # SAME padding, stride 2, on a watched input: a Conv2D [2, 8, 8, 3] -> [2, 4, 4, 2] and (for both
+      # convolutions) Conv2DBackpropInput and Conv2DBackpropFilter.
+      tape.watch(image)
+      loss += tf.reduce_sum(tf.nn.conv2d(image, wide, 2, 'SAME'))
+    grads = tape.gradient(loss, [weight, kernel, proj, head, wide, image])
+    for variable, grad in zip((weight, kernel, proj, head, wide), grads):
       variable.assign_sub(0.1 * grad)
-    return loss
+    return loss, grads[-1]  # The input gradient returned, so that it runs.
 
   graph = step.get_concrete_function(tf.zeros((7, 2, 4)), tf.zeros((2, 8, 8, 3))).graph
   calls = benchmark.kernel_calls(graph)
@@ -76,20 +81,25 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
   for (kind, shapes, dtype, _), count in calls.items():
     assert dtype == 'float32'
     by_kind[kind] = by_kind.get(kind, 0) + count
-  assert by_kind == {'MatMul': 7 * 3 + 5, 'Conv2D': 1, 'Conv2DBackpropFilter': 1}, by_kind
-  conv = [key for key in calls if key[0] == 'Conv2D'][0]
-  assert conv[1] == ((2, 8, 8, 3), (3, 3, 3, 4)) and dict(conv[3])['padding'] == b'VALID'
+  assert by_kind == {'MatMul': 7 * 3 + 5, 'Conv2D': 2, 'Conv2DBackpropFilter': 2, 'Conv2DBackpropInput': 2}, by_kind
+  conv = [key for key in calls if key[0] == 'Conv2D' and dict(key[3])['padding'] == b'VALID'][0]
+  assert conv[1] == ((2, 8, 8, 3), (3, 3, 3, 4))
+  # Hand-counted: 2 x filter size x output positions of the forward convolution, for it and its gradients.
+  expected = {((2, 8, 8, 3), (3, 3, 3, 4)): 2 * (3 * 3 * 3 * 4) * (2 * 6 * 6),
+              ((2, 8, 8, 3), (5, 5, 3, 2)): 2 * (5 * 5 * 3 * 2) * (2 * 4 * 4)}
+  for kind, shapes, _, attrs in calls:
+    if kind.startswith('Conv2D'):
+      assert benchmark.kernel_flops(kind, shapes, dict(attrs)) == expected[shapes[:2]], (kind, shapes)
   # Each kernel's FLOPs, times its calls, add up to what graph_flops counts for those ops.
   counted = {}
   for (kind, shapes, _, attrs), count in calls.items():
     counted[kind] = counted.get(kind, 0) + count * benchmark.kernel_flops(kind, shapes, dict(attrs))
   flops = benchmark.graph_flops(graph)
   assert counted == {kind: flops[kind] for kind in counted}, (counted, flops)
-  assert counted['Conv2D'] == 2 * (3 * 3 * 3 * 4) * (2 * 6 * 6)
-  floor, seconds, largest = benchmark.kernel_floor(graph, budget_s=0.05)
+  floor, seconds, largest = benchmark.kernel_floor(graph, budget_s=0.05, largest=100)
   assert set(seconds) == set(by_kind) and all(s > 0 for s in seconds.values())
   assert np.isclose(floor, sum(seconds.values()))
-  # The largest kernels (here all 4 of them), by time per step, with their rates.
+  # The largest kernels (here all of them), by time per step, with their rates.
   assert len(largest) == len(calls) and [r['ms'] for r in largest] == sorted((r['ms'] for r in largest), reverse=True)
   assert np.isclose(sum(r['ms'] for r in largest), 1e3 * floor)
   for row in largest:

@@ -38,7 +38,9 @@ def test_a_campaign_runs_skips_resumes_and_limits(tmp_path):
   assert stretch['exit_code'] == 0 and stretch['steps_from'] == 0 and stretch['steps_to'] >= 150
   assert stretch['device'].startswith(campaign_cpu_model()) and stretch['precision'] == 'float32', stretch
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout
-  assert stretch['code'].split('-dirty')[0] == commit.strip(), stretch  # The code the stretch ran.
+  changed = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '*.py'],
+                           capture_output=True, text=True, cwd=ROOT).stdout
+  assert stretch['code'] == commit.strip() + ('-dirty' if changed.strip() else ''), stretch  # The code it ran.
   assert 0 < info['seconds'] == stretch['seconds'] and info['eval_exit_code'] == 0 and not info['restarts']
   # The limited method ran after the other and was stopped at its wall time (its --steps is out of reach).
   limited = json.loads((tmp_path / 'copy' / 'dmc_walker_walk' / 'limited' / '3' / 'run.json').read_text())

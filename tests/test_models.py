@@ -531,6 +531,8 @@ def test_composite_layers_build_on_their_first_call_without_a_symbolic_trace(mon
 @pytest.mark.parametrize('layer, shape', [
     (lambda: models.Dense(400, dtype='mixed_bfloat16'), (2500, 400)),
     (lambda: models.Conv2DTranspose(3, 6, strides=2, dtype='mixed_bfloat16'), (400, 30, 30, 32)),
+    (lambda: models.Conv2DTranspose(3, 6, strides=2, subpixel=True, dtype='mixed_bfloat16'), (400, 30, 30, 32)),
+    (lambda: models.Conv2D(64, 4, strides=2, matmul_filter_grad=True, dtype='mixed_bfloat16'), (400, 6, 6, 32)),
     (lambda: models.Conv2D(32, 4, strides=2, dtype='mixed_bfloat16'), (400, 64, 64, 3)),
 ])
 def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
@@ -583,6 +585,7 @@ def test_subpixel_transposed_convolution_is_tensorflows_with_its_gradients(dtype
     ((3, 6, 6, 8), (4, 4, 8, 16), 2),  # The encoder's last layer at depth 2: 2 x 2 output pixels.
     ((2, 9, 7, 3), (3, 3, 3, 5), 2),  # 4 x 3 output pixels.
     ((2, 5, 5, 3), (2, 2, 3, 4), 1),
+    ((2, 7, 7, 3), (4, 4, 3, 5), 2),  # 2 x 2 output pixels; the input's last row and column take no part.
 ])
 def test_matmul_filter_gradient_convolution_is_tensorflows_with_its_gradients(dtype, rtol, shape, kernel_shape,
                                                                                stride):

@@ -66,9 +66,12 @@ def _graph_dtypes(graph):
     dtypes.update(t.dtype.name for t in op.outputs)
     for attr in ('f', 'body', 'cond', 'then_branch', 'else_branch'):
       try:
-        dtypes |= _graph_dtypes(graph._get_function(op.get_attr(attr).name).graph)
-      except (ValueError, AttributeError, TypeError):
-        pass
+        name = op.get_attr(attr).name
+      except ValueError:  # The op has no such attribute.
+        continue
+      function = graph._get_function(name)
+      assert function is not None, f'{op.name}: function {name} not found'  # Else its dtypes would go unseen.
+      dtypes |= _graph_dtypes(function.graph)
   return dtypes
 
 
