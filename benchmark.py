@@ -420,6 +420,9 @@ def report(result, logdir):
       value = f'{value:.3f}'
     elif isinstance(value, dict):
       value = json.dumps({k: float(f'{v:.4g}') if isinstance(v, float) else v for k, v in value.items()})
+    elif isinstance(value, list):  # kernel_floor_largest: a line per kernel.
+      value = '\n'.join([''] + [f'  {r["ms"]:8.1f} ms  {r["op"]} {r["shapes"]} {r["dtype"]} x{r["calls"]}  '
+                                 f'{r["gflops"] or 0:.0f} GFLOP/s' for r in value])
     rows.append((key, str(value)))
   width = max(len(k) for k, _ in rows)
   print('\n'.join(f'{k:<{width}}  {v}' for k, v in rows))

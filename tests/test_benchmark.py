@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import benchmark
-from helpers import run_cli
+from helpers import ROOT, run_cli
 
 
 def test_graph_flops_counts_convolutions_their_gradients_and_matmuls():
@@ -146,3 +146,27 @@ def test_benchmark_command_writes_its_json(tmp_path):
   assert all(ms > 0 for ms in parts.values())
   assert 'train_step_s' in out and 'Wrote' in out
   assert not (tmp_path / 'episodes').exists()
+
+
+@pytest.mark.e2e
+def test_benchmark_ab_runs_old_and_new_in_turns_and_reports_both(tmp_path):
+  """benchmark_ab.py: the old commit (git archive of HEAD here) and the working tree, alternating, each a real
+  benchmark run; ab.json has both sides' figures and the speed-up of the medians; a bad --old exits with 2."""
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmark_ab.py'), '--old', 'HEAD', '--pairs', '1', '--outdir', str(tmp_path),
+       '--', '--preset', 'debug', '--precision', '32'], capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  data = json.loads((tmp_path / 'ab.json').read_text())
+  assert [(r['side'], r['pair']) for r in data['runs']] == [('old', 0), ('new', 0)]
+  for side in ('old', 'new'):
+    run = json.loads((tmp_path / f'{side}_0' / 'benchmark.json').read_text())
+    assert data['medians'][side]['train_step_s'] == run['train_step_s']['median'] > 0
+    assert data['medians'][side]['kernel_floor_s'] == run['kernel_floor_s']
+  assert np.isclose(data['train_step_speedup'], data['medians']['old']['train_step_s']
+                    / data['medians']['new']['train_step_s'])
+  assert data['device'].startswith('CPU') and 'Median train step: old' in result.stdout
+  bad = subprocess.run([sys.executable, str(ROOT / 'benchmark_ab.py'), '--old', 'no-such-commit'],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and 'no-such-commit' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
