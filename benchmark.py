@@ -121,9 +121,17 @@ def kernel_calls(graph, trips=1):
   return calls
 
 
-def _kernel_fn(kind, shapes, dtype, attrs, repeats):
+def _lanes():
+  """How many kernels run at once when all cores are busy: 1 (all cores on one kernel), or cores / threads per op
+  under --intra_op_threads (each kernel on fewer threads, several side by side)."""
+  threads = tf.config.threading.get_intra_op_parallelism_threads()
+  return max(1, _cores() // threads) if threads else 1
+
+
+def _kernel_fn(kind, shapes, dtype, attrs, repeats, lanes=1):
   """A tf.function that runs one kernel `repeats` times one after another (each call waits for the previous one,
-  so that the two cores work on one kernel at a time, as in the step's critical path) on random inputs."""
+  so that the cores work on one kernel at a time, as in the step's critical path) on random inputs; with `lanes`,
+  that many such chains side by side (each kernel on a share of the cores)."""
   attrs = dict(attrs)
   dtype = tf.as_dtype(dtype)
   tensors = lambda *indices: [tf.cast(tf.random.normal(shapes[i]), dtype) for i in indices]
@@ -145,18 +153,20 @@ def _kernel_fn(kind, shapes, dtype, attrs, repeats):
 
   @tf.function(autograph=False)
   def run(*inputs):
-    out = tf.zeros(())
+    outs = [tf.zeros(())] * lanes
     for _ in range(repeats):
-      with tf.control_dependencies([out]):
-        out = op(*inputs)
-    return tf.reduce_sum(tf.cast(tf.reshape(out, [-1])[:1], tf.float32))
+      for lane in range(lanes):
+        with tf.control_dependencies([outs[lane]]):
+          outs[lane] = op(*inputs)
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.reshape(out, [-1])[:1], tf.float32)) for out in outs])
 
   return lambda: run(*inputs).numpy()
 
 
 def kernel_floor(graph, budget_s=0.3, largest=12):
   """The train step's kernel floor: each convolution (forward and both gradients) and matmul of the traced step
-  timed alone at its shapes and dtype, on all cores, times its calls per step, summed. Returns (floor in seconds,
+  timed alone at its shapes and dtype, on all cores (under --intra_op_threads: as many copies side by side as fill
+  them, the time per copy), times its calls per step, summed. Returns (floor in seconds,
   seconds by op type, the `largest` kernels by their seconds per step: op, shapes, dtype, calls, ms per call and
   per step, GFLOP/s). Each kernel runs in blocks of repeats lasting about `budget_s`; the fastest of three blocks
   counts (the empty function's own call time subtracted). Grappler is off for these small functions (oneDNN's
@@ -168,14 +178,15 @@ def kernel_floor(graph, budget_s=0.3, largest=12):
     empty()
     overhead = min(_timed(lambda: empty().numpy()) for _ in range(20))
     total, by_kind, rows = 0.0, collections.Counter(), []
+    lanes = _lanes()
     for (kind, shapes, dtype, attrs), calls in kernel_calls(graph).items():
-      once = _kernel_fn(kind, shapes, dtype, attrs, 1)
+      once = _kernel_fn(kind, shapes, dtype, attrs, 1, lanes)
       once()  # Traces; oneDNN creates its kernel for the shape.
       single = max(min(_timed(once) for _ in range(3)) - overhead, 1e-6)
       repeats = int(np.clip(budget_s / 3 / single, 1, 200))
-      block = _kernel_fn(kind, shapes, dtype, attrs, repeats)
+      block = _kernel_fn(kind, shapes, dtype, attrs, repeats, lanes)
       block()
-      seconds = max(min(_timed(block) for _ in range(3)) - overhead, 0.0) / repeats
+      seconds = max(min(_timed(block) for _ in range(3)) - overhead, 0.0) / repeats / lanes
       total += seconds * calls
       by_kind[kind] += seconds * calls
       rows.append(dict(op=kind, shapes=[list(s) for s in shapes], dtype=dtype, calls=calls,
@@ -251,16 +262,17 @@ def op_profile(run_step):
 
 
 def peak_gflops(dtype, size=2048, repeats=10):
-  """Rate of a large square matmul in `dtype` on this device."""
+  """Rate of a large square matmul in `dtype` on this device, all cores busy (see _lanes)."""
   a = tf.random.normal((size, size), dtype=tf.float32)
   a = tf.cast(a, dtype)
+  lanes = _lanes()
 
   @tf.function
   def run(a):
-    x = a
+    xs = [a] * lanes
     for _ in range(repeats):
-      x = tf.matmul(x, a) * tf.cast(1e-3, dtype)
-    return x
+      xs = [tf.matmul(x, a) * tf.cast(1e-3, dtype) for x in xs]
+    return tf.add_n([x[0, 0] for x in xs])
 
   run(a).numpy()
   times = []
@@ -268,7 +280,7 @@ def peak_gflops(dtype, size=2048, repeats=10):
     start = time.perf_counter()
     run(a).numpy()
     times.append(time.perf_counter() - start)
-  return 2 * size ** 3 * repeats / min(times) / 1e9
+  return 2 * size ** 3 * repeats * lanes / min(times) / 1e9
 
 
 def spread(values):
@@ -281,9 +293,12 @@ def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
   agent (of the given config); the CEM step is measured on one built from a changed config."""
   result = collections.OrderedDict()
   gpus = tf.config.list_physical_devices('GPU')
+  per_op = runtime.threads_per_op()
   result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({runtime.describe_cpu()}; '
-                      f'{len(tf.config.list_physical_devices("CPU"))} device, {_cores()} cores)')
+                      f'{len(tf.config.list_physical_devices("CPU"))} device, {_cores()} cores'
+                      f'{", " + per_op if per_op else ""})')
   result['onednn'] = runtime.onednn_enabled()
+  result['intra_op_threads'] = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default.
   result['precision'] = policy_name
   result['config'] = {k: config[k] for k in (
       'batch_size', 'batch_length', 'horizon', 'deter_size', 'stoch_size', 'num_units', 'cnn_depth',

@@ -710,9 +710,24 @@ def setup(config):
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
+  if config.intra_op_threads:
+    set_intra_op_threads(config.intra_op_threads)
   policy = resolve_precision(config)  # The agent resolves it the same way and passes it to its layers.
   keras.utils.set_random_seed(config.seed)
   return policy
+
+
+def set_intra_op_threads(threads):
+  """TensorFlow's intra-op thread count, which it fixes when its runtime starts (the first op or device query)."""
+  current = tf.config.threading.get_intra_op_parallelism_threads()
+  if current == threads:
+    return
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+  except RuntimeError:
+    raise UserError(f'--intra_op_threads {threads}: TensorFlow has already started in this process with '
+                    f'{current or "its default number of"} threads per op; set it before any TensorFlow work (or '
+                    f'run dreamer.py in a new process).')
 
 
 def make_strategy(config):
@@ -762,7 +777,8 @@ def main(config):
   print(f'Logdir {config.logdir}')
   print(f'Precision: --precision {config.precision} runs as {policy} on {device}.')
   if device == 'CPU':
-    print(f'CPU: {runtime.describe_cpu()}.')
+    threads = runtime.threads_per_op()
+    print(f'CPU: {runtime.describe_cpu()}{"; " + threads if threads else ""}.')
   check_replicas(config, strategy.num_replicas_in_sync)  # Before any environment starts.
   if strategy.num_replicas_in_sync > 1:
     print(f'Distribute: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas; each trains on '

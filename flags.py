@@ -77,6 +77,9 @@ FLAGS = (
          choices=('auto', 'none', 'mirrored', 'multi_worker')),
     Flag('cpu_devices', 0, 'split the CPU into this many logical devices (to try `--distribute mirrored` without '
          'GPUs); 0: one device', minimum=0),
+    Flag('intra_op_threads', 0, 'threads one TensorFlow op may use; 0: TensorFlow\'s choice (all cores). At 1 '
+         'the ops run single-threaded, two or more at a time: faster for small networks (the `cpu` preset sets it; '
+         'docs/speed.md)', minimum=0),
     # Environment.
     Flag('task', 'dmc_walker_walk', '`dmc_<domain>_<task>` (domain `cup` = `ball_in_cup`), `atari_<game>` '
          '(e.g. `atari_pong`) or `gym_<id>` (any Gymnasium id, e.g. `gym_HalfCheetah-v5`)', fixed=True),
@@ -190,7 +193,7 @@ PRESETS = dict(
     none=dict(),
     # Small networks and batches for a 2-core CPU (see docs/cpu_experiment.md).
     cpu=dict(deter_size=100, stoch_size=20, num_units=200, cnn_depth=16, batch_size=16, batch_length=50,
-             train_steps=100, pretrain=100),
+             train_steps=100, pretrain=100, intra_op_threads=1),
     # Tiny everything, for tests and smoke runs (50-step episodes: rendering is most of a tiny run's time).
     debug=dict(deter_size=16, stoch_size=4, num_units=16, cnn_depth=2, batch_size=4, batch_length=10,
                train_steps=1, pretrain=3, horizon=3, prefill=100, eval_every=100, train_every=50,

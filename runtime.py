@@ -112,6 +112,14 @@ def onednn_enabled():
     return None
 
 
+def threads_per_op():
+  """E.g. '1 thread per op' when --intra_op_threads set TensorFlow's intra-op threads; '' for its default (all
+  cores). Imports TF."""
+  import tensorflow as tf
+  threads = tf.config.threading.get_intra_op_parallelism_threads()
+  return f'{threads} thread{"s" * (threads != 1)} per op' if threads else ''
+
+
 def describe_cpu():
   """E.g. 'AMD EPYC (AVX2, no AVX-512), oneDNN on (set by this port; TensorFlow leaves it off on CPUs without ...)'."""
   flags = cpu_flags()

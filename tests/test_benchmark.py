@@ -119,6 +119,7 @@ def test_benchmark_command_writes_its_json(tmp_path):
               'peak_gflops', 'policy_step_ms', 'env_step_ms', 'hours_per_1e6_env_steps'):
     assert key in data, key
   assert data['precision'] == 'float32' and data['device'].startswith('CPU')
+  assert data['intra_op_threads'] == tf.config.threading.get_intra_op_parallelism_threads()
   # The machine kind and the oneDNN setting of the figures (on: the default on x86, unless the user set it).
   expected = os.environ.get('TF_ENABLE_ONEDNN_OPTS') == '1'
   assert data['onednn'] is expected and f"oneDNN {'on' if expected else 'off'}" in data['device'], data['device']

@@ -81,3 +81,35 @@ def test_the_onednn_line_says_who_turned_it_on(monkeypatch, flags, source):
   described = runtime.describe_cpu()
   assert f'oneDNN on ({source}' in described or f'oneDNN off ({source}' in described, described
   assert ('AVX-512, AMX)' in described or 'BF16, AMX)' in described) == ('amx_tile' in flags), described
+
+
+THREADS_PROBE = ('import sys, flags, dreamer, runtime; dreamer.setup(flags.parse_and_check(sys.argv[1:])); '
+                 'import tensorflow as tf; tf.matmul(tf.ones([64, 64]), tf.ones([64, 64])).numpy(); '
+                 'import benchmark; print(runtime.threads_per_op() or "default", "|", benchmark._lanes(), '
+                 'tf.config.threading.get_intra_op_parallelism_threads())')
+
+
+def test_intra_op_threads_reach_tensorflow_before_it_starts(tmp_path):
+  # The cpu preset runs each op single-threaded (two at a time on two cores); a flag given wins; 0 is TF's default.
+  # The benchmark's kernel floor and peak then run as many kernels side by side as fill the cores.
+  cores = len(os.sched_getaffinity(0))
+  for argv, threads in ((['--preset', 'cpu'], 1), (['--preset', 'cpu', '--intra_op_threads', '3'], 3), ([], 0)):
+    result = subprocess.run([sys.executable, '-c', THREADS_PROBE, '--logdir', str(tmp_path), *argv],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lanes = max(1, cores // threads) if threads else 1
+    said, _, numbers = result.stdout.strip().splitlines()[-1].partition(' | ')
+    assert numbers.split() == [str(lanes), str(threads)], (argv, result.stdout)
+    # What the run prints on its CPU line (and a campaign records as the run's machine).
+    assert said == {0: 'default', 1: '1 thread per op'}.get(threads, f'{threads} threads per op'), said
+
+
+def test_intra_op_threads_cannot_change_once_tensorflow_has_started():
+  import dreamer
+  import tensorflow as tf
+  tf.constant(1.0).numpy()  # This process's TensorFlow has started.
+  current = tf.config.threading.get_intra_op_parallelism_threads()
+  dreamer.set_intra_op_threads(current)  # The setting it has: nothing to do.
+  with pytest.raises(dreamer.UserError, match=rf'--intra_op_threads {current + 5}: TensorFlow has already started'):
+    dreamer.set_intra_op_threads(current + 5)
+  assert tf.config.threading.get_intra_op_parallelism_threads() == current
