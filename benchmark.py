@@ -121,13 +121,6 @@ def kernel_calls(graph, trips=1):
   return calls
 
 
-def _lanes():
-  """How many kernels run at once when all cores are busy: 1 (all cores on one kernel), or cores / threads per op
-  under --intra_op_threads (each kernel on fewer threads, several side by side)."""
-  threads = tf.config.threading.get_intra_op_parallelism_threads()
-  return max(1, _cores() // threads) if threads else 1
-
-
 def _kernel_fn(kind, shapes, dtype, attrs, repeats, lanes=1):
   """A tf.function that runs one kernel `repeats` times one after another (each call waits for the previous one,
   so that the cores work on one kernel at a time, as in the step's critical path) on random inputs; with `lanes`,
@@ -178,7 +171,7 @@ def kernel_floor(graph, budget_s=0.3, largest=12):
     empty()
     overhead = min(_timed(lambda: empty().numpy()) for _ in range(20))
     total, by_kind, rows = 0.0, collections.Counter(), []
-    lanes = _lanes()
+    lanes = runtime.lanes()
     for (kind, shapes, dtype, attrs), calls in kernel_calls(graph).items():
       once = _kernel_fn(kind, shapes, dtype, attrs, 1, lanes)
       once()  # Traces; oneDNN creates its kernel for the shape.
@@ -262,10 +255,10 @@ def op_profile(run_step):
 
 
 def peak_gflops(dtype, size=2048, repeats=10):
-  """Rate of a large square matmul in `dtype` on this device, all cores busy (see _lanes)."""
+  """Rate of a large square matmul in `dtype` on this device, all cores busy (runtime.lanes)."""
   a = tf.random.normal((size, size), dtype=tf.float32)
   a = tf.cast(a, dtype)
-  lanes = _lanes()
+  lanes = runtime.lanes()
 
   @tf.function
   def run(a):

@@ -418,7 +418,7 @@ class Dreamer:
   def _build_model(self):
     c = self._c
     kw = dict(dtype=self.precision)
-    self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, name='encode', **kw)
+    self._encode = models.ConvEncoder(c.cnn_depth, c.cnn_act, lanes=runtime.lanes(), name='encode', **kw)
     self._dynamics = models.RSSM(c.stoch_size, c.deter_size, c.deter_size, shared_noise=c.shared_noise,
                                  name='dynamics', **kw)
     # Only the networks the variant trains exist (checkpoint_names lists their variables).

@@ -286,9 +286,12 @@ class GRUCell(keras.layers.GRUCell):
 
 class ConvEncoder(_Composite):
 
-  def __init__(self, depth=32, act='relu', **kwargs):
+  def __init__(self, depth=32, act='relu', lanes=1, **kwargs):
+    """`lanes`: encode the batch as that many slices, side by side (runtime.lanes: with one thread per op, one
+    batch's convolutions would leave the other cores idle at the start and end of the train step)."""
     super().__init__(**kwargs)
     self._depth = depth
+    self._lanes = lanes
     kw = dict(strides=2, activation=get_act(act), dtype=self.dtype_policy)
     self.h1 = Conv2D(1 * depth, 4, name='h1', **kw)
     self.h2 = Conv2D(2 * depth, 4, name='h2', **kw)
@@ -299,8 +302,12 @@ class ConvEncoder(_Composite):
   def call(self, obs):
     """obs['image'] [..., 64, 64, 3] float -> embed [..., 32 * depth] in the compute dtype."""
     image = obs['image']
-    x = tf.reshape(tf.cast(image, self.compute_dtype), (-1,) + tuple(image.shape[-3:]))
-    x = self.h4(self.h3(self.h2(self.h1(x))))
+    x = tf.reshape(image, (-1,) + tuple(image.shape[-3:]))
+    convs = lambda x: self.h4(self.h3(self.h2(self.h1(tf.cast(x, self.compute_dtype)))))
+    if self._lanes > 1 and x.shape[0] and x.shape[0] % self._lanes == 0:  # Images are encoded independently.
+      x = tf.concat([convs(part) for part in tf.split(x, self._lanes, 0)], 0)
+    else:
+      x = convs(x)
     shape = tf.concat([tf.shape(image)[:-3], [32 * self._depth]], 0)
     return tf.reshape(x, shape)
 

@@ -120,6 +120,15 @@ def threads_per_op():
   return f'{threads} thread{"s" * (threads != 1)} per op' if threads else ''
 
 
+def lanes():
+  """How many ops fill the cores: 1 (TensorFlow's default: each op on all cores), or cores / threads per op under
+  --intra_op_threads (then that many run side by side). Imports TF."""
+  import tensorflow as tf
+  threads = tf.config.threading.get_intra_op_parallelism_threads()
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, cores // threads) if threads else 1
+
+
 def describe_cpu():
   """E.g. 'AMD EPYC (AVX2, no AVX-512), oneDNN on (set by this port; TensorFlow leaves it off on CPUs without ...)'."""
   flags = cpu_flags()

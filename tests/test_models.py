@@ -111,6 +111,29 @@ def test_conv_encoder_spatial_sizes_and_relu():
   assert sizes == [(31, 31), (14, 14), (6, 6), (2, 2)]  # VALID, kernel 4, stride 2
 
 
+def test_conv_encoder_in_lanes_encodes_batch_slices_side_by_side_to_the_same_values_and_gradients():
+  one, two = models.ConvEncoder(DEPTH), models.ConvEncoder(DEPTH, lanes=2)
+  image = tf.random.uniform([B, T, 64, 64, 3]) - 0.5
+  one({'image': image}), two({'image': image})
+  for a, b in zip(one.weights, two.weights):
+    b.assign(a)
+  grads = []
+  for encoder in (one, two):
+    with tf.GradientTape() as tape:
+      tape.watch(image)
+      embed = encoder({'image': image})
+      loss = tf.reduce_sum(embed * tf.cos(tf.range(embed.shape[-1], dtype=tf.float32)))
+    grads.append([embed] + tape.gradient(loss, [image] + encoder.trainable_weights))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5 * np.abs(a.numpy()).max())
+  # Two convolutions of half the batch each per layer, in the traced graph.
+  graph = tf.function(lambda x: two({'image': x})).get_concrete_function(image).graph
+  batches = [op.inputs[0].shape[0] for op in graph.get_operations() if op.type == 'Conv2D']
+  assert batches == [B * T // 2] * 8, batches
+  # A batch the lanes do not divide (the policy's single image) is encoded whole.
+  np.testing.assert_allclose(two({'image': image[:1, :1]}).numpy(), one({'image': image[:1, :1]}).numpy(), rtol=1e-6)
+
+
 # ConvDecoder ---------------------------------------------------------------------------------------------------------
 
 def test_conv_decoder_shapes_and_dtypes(precision):

@@ -85,7 +85,7 @@ def test_the_onednn_line_says_who_turned_it_on(monkeypatch, flags, source):
 
 THREADS_PROBE = ('import sys, flags, dreamer, runtime; dreamer.setup(flags.parse_and_check(sys.argv[1:])); '
                  'import tensorflow as tf; tf.matmul(tf.ones([64, 64]), tf.ones([64, 64])).numpy(); '
-                 'import benchmark; print(runtime.threads_per_op() or "default", "|", benchmark._lanes(), '
+                 'print(runtime.threads_per_op() or "default", "|", runtime.lanes(), '
                  'tf.config.threading.get_intra_op_parallelism_threads())')
 
 
@@ -102,6 +102,20 @@ def test_intra_op_threads_reach_tensorflow_before_it_starts(tmp_path):
     assert numbers.split() == [str(lanes), str(threads)], (argv, result.stdout)
     # What the run prints on its CPU line (and a campaign records as the run's machine).
     assert said == {0: 'default', 1: '1 thread per op'}.get(threads, f'{threads} threads per op'), said
+
+
+AGENT_PROBE = ('import sys, flags, dreamer, gymnasium; config = flags.parse_and_check(sys.argv[1:]); '
+               'dreamer.setup(config); agent = dreamer.Dreamer(config, gymnasium.spaces.Box(-1, 1, (2,))); '
+               'print(agent._encode._lanes)')
+
+
+def test_with_one_thread_per_op_the_agent_encodes_its_batch_in_lanes(tmp_path):
+  cores = len(os.sched_getaffinity(0))
+  for argv, lanes in ((['--intra_op_threads', '1'], cores), ([], 1)):
+    result = subprocess.run([sys.executable, '-c', AGENT_PROBE, '--logdir', str(tmp_path), '--preset', 'debug', *argv],
+                            capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(lanes), (argv, result.stdout)
 
 
 def test_intra_op_threads_cannot_change_once_tensorflow_has_started():
