@@ -30,6 +30,22 @@ FIGURES = {
 }
 
 
+def figures(data):
+  """FIGURES of one benchmark.json; None for those an older commit's benchmark did not measure."""
+  values = {}
+  for name, read in FIGURES.items():
+    try:
+      values[name] = read(data)
+    except KeyError:
+      values[name] = None
+  return values
+
+
+def median(values):
+  values = [v for v in values if v is not None]
+  return statistics.median(values) if values else None
+
+
 def checkout(commit, directory):
   """The tree of `commit` in `directory` (git archive). Raises SystemExit(2) naming the commit if git cannot."""
   archive = subprocess.run(['git', '-C', str(ROOT), 'archive', commit], capture_output=True)
@@ -69,10 +85,11 @@ def main(argv=None):
     for pair in range(args.pairs):
       for side, code in (('old', old_code), ('new', ROOT)):
         data = run(code, outdir / f'{side}_{pair}', args.flags)
-        figures = {name: read(data) for name, read in FIGURES.items()}
-        runs.append(dict(side=side, pair=pair, **figures))
-        print(f'{side} {pair}: ' + ', '.join(f'{k} {v:.4g}' for k, v in figures.items()), flush=True)
-  medians = {side: {name: statistics.median(r[name] for r in runs if r['side'] == side) for name in FIGURES}
+        values = figures(data)
+        runs.append(dict(side=side, pair=pair, **values))
+        print(f'{side} {pair}: ' + ', '.join(f'{k} {"n/a" if v is None else f"{v:.4g}"}' for k, v in values.items()),
+              flush=True)
+  medians = {side: {name: median(r[name] for r in runs if r['side'] == side) for name in FIGURES}
              for side in ('old', 'new')}
   result = dict(old=args.old, new='working tree', flags=args.flags, device=data['device'], runs=runs,
                 medians=medians, train_step_speedup=medians['old']['train_step_s'] / medians['new']['train_step_s'])

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import benchmark
+import benchmark_ab
 from helpers import ROOT, run_cli
 
 
@@ -168,6 +169,12 @@ def test_benchmark_ab_runs_old_and_new_in_turns_and_reports_both(tmp_path):
   assert np.isclose(data['train_step_speedup'], data['medians']['old']['train_step_s']
                     / data['medians']['new']['train_step_s'])
   assert data['device'].startswith('CPU') and 'Median train step: old' in result.stdout
+  # An older commit's benchmark without a figure (the kernel floor came in session 10): n/a, not a crash.
+  run = json.loads((tmp_path / 'old_0' / 'benchmark.json').read_text())
+  del run['kernel_floor_s']
+  values = benchmark_ab.figures(run)
+  assert values['kernel_floor_s'] is None and values['train_step_s'] == run['train_step_s']['median']
+  assert benchmark_ab.median([None, 2.0, 4.0]) == 3.0 and benchmark_ab.median([None]) is None
   bad = subprocess.run([sys.executable, str(ROOT / 'benchmark_ab.py'), '--old', 'no-such-commit'],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and 'no-such-commit' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
