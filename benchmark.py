@@ -288,7 +288,7 @@ def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
   gpus = tf.config.list_physical_devices('GPU')
   per_op = runtime.threads_per_op()
   result['device'] = (f'GPU x{len(gpus)}' if gpus else f'CPU ({runtime.describe_cpu()}; '
-                      f'{len(tf.config.list_physical_devices("CPU"))} device, {_cores()} cores'
+                      f'{len(tf.config.list_physical_devices("CPU"))} device, {runtime.cores()} cores'
                       f'{", " + per_op if per_op else ""})')
   result['onednn'] = runtime.onednn_enabled()
   result['intra_op_threads'] = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default.
@@ -410,11 +410,6 @@ def cem_step_ms(config, make_agent, space, obs, repeats=10):
   evaluation policy of a CEM agent (encode one observation, obs_step, plan) for one environment."""
   agent = make_agent(space, flags.AttrDict(config, **PAPER_CEM))
   return policy_step_ms([agent], obs, blocks=1, block=repeats, warmup=2, training=False)[0]
-
-
-def _cores():
-  import os
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def report(result, logdir):

@@ -125,8 +125,12 @@ def lanes():
   --intra_op_threads (then that many run side by side). Imports TF."""
   import tensorflow as tf
   threads = tf.config.threading.get_intra_op_parallelism_threads()
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return max(1, cores // threads) if threads else 1
+  return max(1, cores() // threads) if threads else 1
+
+
+def cores():
+  """The cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def describe_cpu():
