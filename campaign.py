@@ -11,7 +11,9 @@ episodes and checkpoint on disk) and skips the finished ones. A finished run is 
 run.json: wall seconds, steps, the machine and the code's commit of every stretch it ran) are copied to `--copy
 <dir>/<task>/<method>/<seed>/` every few minutes, to be committed, so that the evidence outlives the machine; the
 replay stays in OUTDIR. A run whose logdir is gone while its copy exists starts again from nothing, and run.json
-records that (`restarts`). No TensorFlow in this process.
+records that (`restarts`). `--outdir OUTDIR --pause` / `--resume` stop and continue the campaign running there
+and its run (logged in OUTDIR/pauses.log; each stretch's `paused_seconds` counts them). No TensorFlow in this
+process.
 """
 
 import argparse
@@ -41,6 +43,8 @@ METHODS = dict(
 )
 SMALL_FILES = ('config.json', 'metrics.jsonl', 'eval.json', 'run.json')
 COPY_EVERY = 300  # Seconds between copies of a running run's small files.
+PIDS = 'campaign.pid'  # In --outdir while a campaign runs: its process id and its current run's (JSON).
+PAUSES = 'pauses.log'  # In --outdir: a line '<time> STOP' per --pause and '<time> CONT' per --resume.
 
 
 class CampaignError(Exception):
@@ -105,6 +109,52 @@ def machine_lines(log_text):
   return cpu, precision
 
 
+def paused_seconds(log_text, begin, end):
+  """Seconds of [begin, end] (datetimes) that fall inside the pauses of a PAUSES log (a pause still open lasts
+  to `end`); lines that do not parse are skipped."""
+  overlap = lambda a, b: max(0.0, (min(b, end) - max(a, begin)).total_seconds())
+  total, stopped = 0.0, None
+  for line in log_text.splitlines():
+    parts = line.split()
+    try:
+      time_, what = datetime.datetime.fromisoformat(parts[0]), parts[1]
+    except (IndexError, ValueError):
+      continue
+    if what == 'STOP' and stopped is None:
+      stopped = time_
+    elif what == 'CONT' and stopped is not None:
+      total += overlap(stopped, time_)
+      stopped = None
+  return total + (overlap(stopped, end) if stopped is not None else 0.0)
+
+
+def running(pid, script):
+  """Whether process `pid` is alive and runs `script` (by its command line in /proc)."""
+  try:
+    return script in pathlib.Path(f'/proc/{int(pid)}/cmdline').read_bytes().decode(errors='replace')
+  except (TypeError, ValueError, OSError):
+    return False
+
+
+def pause(outdir, stop):
+  """--pause / --resume: SIGSTOP or SIGCONT the campaign running in `outdir` and its run (the run's process
+  group: dreamer.py and its environment workers), and log it in PAUSES so that run.json counts the pause."""
+  pids = read_json(outdir / PIDS) or {}
+  sig = signal.SIGSTOP if stop else signal.SIGCONT
+  # A stale file's process id may belong to another program by now: only signal what runs our scripts.
+  if not running(pids.get('campaign'), 'campaign.py'):
+    raise CampaignError(f'no campaign is running in --outdir {outdir} (its {PIDS} names no live campaign.py).')
+  os.kill(pids['campaign'], sig)
+  if running(pids.get('run'), 'dreamer.py'):
+    try:
+      os.killpg(pids['run'], sig)
+    except ProcessLookupError:
+      pass  # The run ended in between; the campaign starts the next one when it continues.
+  with (outdir / PAUSES).open('a') as log:
+    log.write(f"{now()} {'STOP' if stop else 'CONT'}\n")
+  print(f"{'Paused' if stop else 'Resumed'} the campaign in {outdir}.")
+
+
 def lowest_priority():
   """In the child, a session of its own (so that a Ctrl-C at the terminal reaches the campaign alone, which stops
   the run once): nice 19, and the same for the session's autogroup, through which Linux shares the CPU between
@@ -129,6 +179,11 @@ class Run:
     self.argv = [sys.executable, str(ROOT / 'dreamer.py'), '--logdir', str(self.logdir), '--task', task,
                  '--seed', str(seed), '--steps', str(args.steps), *flags, *args.flags, *swept]
     self.info_path = self.logdir / 'run.json'
+    self.outdir = args.outdir
+
+  def started(self, process):
+    """Names the run's process in PIDS, for --pause."""
+    write_json(self.outdir / PIDS, dict(campaign=os.getpid(), run=process.pid))
 
   def info(self):
     """run.json: the logdir's, else the copy's (the logdir was lost), else new."""
@@ -177,6 +232,7 @@ class Run:
     with (self.logdir / 'train.log').open('a') as log:
       offset = log.tell()
       process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority)
+      self.started(process)
       try:
         while True:
           remaining = None if left is None else max(0.0, left - (time.time() - begin))
@@ -206,7 +262,13 @@ class Run:
       cpu, precision = machine_lines(f.read())
     seconds = time.time() - begin
     info['seconds'] = info['seconds'] - stretch.get('seconds', 0.0) + seconds
-    stretch.update(seconds=round(seconds, 1), steps_to=last_step(self.logdir), device=cpu, precision=precision)
+    try:
+      pauses = (self.outdir / PAUSES).read_text()
+    except OSError:
+      pauses = ''
+    paused = paused_seconds(pauses, datetime.datetime.fromisoformat(stretch['start']), datetime.datetime.now())
+    stretch.update(seconds=round(seconds, 1), paused_seconds=round(paused, 1), steps_to=last_step(self.logdir),
+                   device=cpu, precision=precision)
     if code is not None:
       stretch.update(end=now(), exit_code=code)
     info['seconds'] = round(info['seconds'], 1)
@@ -215,7 +277,14 @@ class Run:
   def evaluate(self, episodes):
     argv = self.argv + ['--eval_only', 'True', '--eval_episodes', str(episodes)]
     with (self.logdir / 'eval.log').open('w') as log:
-      code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority).returncode
+      process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lowest_priority)
+      self.started(process)
+      try:
+        code = process.wait()
+      except BaseException:
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+        raise
     info = self.info()
     info.update(evaluated=now(), eval_exit_code=code)
     self.save(info)
@@ -245,8 +314,8 @@ def now():
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--outdir', type=pathlib.Path, required=True, help='the runs (replays, checkpoints)')
-  parser.add_argument('--tasks', nargs='+', required=True)
-  parser.add_argument('--methods', nargs='+', required=True, help=f'of {", ".join(METHODS)}, or NAME="FLAGS"')
+  parser.add_argument('--tasks', nargs='+')
+  parser.add_argument('--methods', nargs='+', help=f'of {", ".join(METHODS)}, or NAME="FLAGS"')
   parser.add_argument('--seeds', nargs='+', type=int, default=[0])
   parser.add_argument('--steps', default='1e5', help='environment steps of every run')
   parser.add_argument('--flags', default='', help='flags added to every run, e.g. "--eval_every 5e3"')
@@ -258,8 +327,17 @@ def parse_args(argv=None):
   parser.add_argument('--sweep', nargs='+', metavar='FLAG VALUE', help='run every method once per value of a '
                       'flag, in folders <flag><value>_s<seed> (e.g. --sweep horizon 5 10 20)')
   parser.add_argument('--dry_run', action='store_true', help='only list the runs and their state')
+  parser.add_argument('--pause', action='store_true', help='only pause the campaign running in --outdir (SIGSTOP, '
+                      'e.g. to measure speed beside it); run.json counts the pause')
+  parser.add_argument('--resume', action='store_true', help='only continue the campaign paused in --outdir')
   args = parser.parse_args(argv)
   args.outdir = args.outdir.expanduser()
+  if args.pause or args.resume:
+    if args.pause and args.resume:
+      raise CampaignError('--pause and --resume: give one of them.')
+    return args
+  if not args.tasks or not args.methods:
+    raise CampaignError('--tasks and --methods are required (unless --pause or --resume).')
   args.copy = args.copy.expanduser() if args.copy else None
   args.flags = shlex.split(args.flags)
   try:
@@ -281,6 +359,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.pause or args.resume:
+    return pause(args.outdir, stop=args.pause) or 0
+  if not args.dry_run:
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    write_json(args.outdir / PIDS, dict(campaign=os.getpid()))
+  try:
+    return campaign(args)
+  finally:
+    if not args.dry_run:
+      (args.outdir / PIDS).unlink(missing_ok=True)
+
+
+def campaign(args):
   values = args.sweep[1:] if args.sweep else [None]
   runs = [(Run(args, task, method, flags, seed, value), task, method, seed) for task in args.tasks
           for seed in args.seeds for value in values for method, flags in args.methods.items()]

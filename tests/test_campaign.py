@@ -3,6 +3,7 @@ skips what is done, resumes a run whose logdir is lost from nothing (and says so
 the wall time of the others."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -80,3 +81,56 @@ def test_bad_arguments_exit_2_naming_them(tmp_path, argv, message):
   assert code == 2 and message in out and 'Traceback' not in out, out
   assert not (tmp_path / 'runs').exists()
   assert campaign.METHODS['dreamer_cpu'] == ['--preset', 'cpu']
+
+
+def test_paused_seconds_count_the_pauses_inside_a_stretch():
+  log = '\n'.join(['2026-01-01T10:00:00 STOP', '2026-01-01T10:00:30 CONT',  # 30 s, before the stretch's start
+                   'not a line', '2026-01-01T10:01:50 STOP', '2026-01-01T10:02:10 CONT',  # 10 s of it inside
+                   '2026-01-01T10:05:00 STOP', '2026-01-01T10:05:05 STOP',  # a second STOP changes nothing
+                   '2026-01-01T10:06:00 CONT', '2026-01-01T10:06:30 CONT',  # 60 s; a CONT without STOP: nothing
+                   '2026-01-01T10:09:00 STOP'])  # Still paused at the end: 60 s.
+  at = lambda clock: campaign.datetime.datetime.fromisoformat(f'2026-01-01T{clock}')
+  assert campaign.paused_seconds(log, at('10:02:00'), at('10:10:00')) == 10 + 60 + 60
+  assert campaign.paused_seconds(log, at('10:00:10'), at('10:00:20')) == 10
+  assert campaign.paused_seconds('', at('10:00:00'), at('10:10:00')) == 0
+
+
+@pytest.mark.e2e
+def test_pause_stops_the_campaign_and_its_run_and_run_json_counts_the_pause(tmp_path):
+  import os
+  import time
+  outdir = tmp_path / 'runs'
+  process = subprocess.Popen(
+      [sys.executable, str(ROOT / 'campaign.py'), '--outdir', str(outdir), '--tasks', 'dmc_walker_walk', '--methods',
+       TINY, '--steps', '400', '--eval_episodes', '1'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  pause = lambda *flag: subprocess.run([sys.executable, str(ROOT / 'campaign.py'), '--outdir', str(outdir), *flag],
+                                       capture_output=True, text=True, timeout=60)
+  state = lambda pid: pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+  try:
+    deadline = time.time() + 120
+    while 'run' not in (campaign.read_json(outdir / campaign.PIDS) or {}) and time.time() < deadline:
+      time.sleep(0.2)
+    time.sleep(3)  # Into the run's training.
+    pids = campaign.read_json(outdir / campaign.PIDS)
+    assert pids['campaign'] == process.pid
+    result = pause('--pause')
+    assert result.returncode == 0 and 'Paused' in result.stdout, result.stdout + result.stderr
+    time.sleep(0.5)
+    assert state(pids['campaign']) == 'T' and state(pids['run']) == 'T'
+    time.sleep(3)
+    result = pause('--resume')
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.5)
+    assert state(pids['run']) != 'T' and state(pids['campaign']) != 'T'
+    out, _ = process.communicate(timeout=600)
+  finally:
+    process.kill()
+  assert process.returncode == 0, out[-3000:]
+  info = json.loads((outdir / 'dmc_walker_walk' / 'tiny' / '0' / 'run.json').read_text())
+  [stretch] = info['stretches']
+  assert 3 <= stretch['paused_seconds'] < 5 and stretch['paused_seconds'] < stretch['seconds'], stretch
+  assert [line.split()[1] for line in (outdir / campaign.PAUSES).read_text().splitlines()] == ['STOP', 'CONT']
+  assert not (outdir / campaign.PIDS).exists()  # Gone with the campaign.
+  # Nothing to pause now: a clear error, exit 2.
+  result = pause('--pause')
+  assert result.returncode == 2 and 'no campaign is running' in result.stderr and 'Traceback' not in result.stderr
