@@ -14,7 +14,9 @@ horizon, read from the `config.json` beside each run's metrics (any run folder n
 `horizon.md` / `horizon.csv` listing the points. `--figure aggregate` sets all runs of each method (and the paper's
 seeds on the same tasks, at the recorded step nearest the runs') side by side as interval estimates (Agarwal et al.,
 NeurIPS 2021): the interquartile mean, median and mean of the normalized scores (DMC: return / 1000; a run's score
-is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals.
+is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals. Runs that campaign.py
+ran (a `run.json` beside the metrics) also get `times.md` / `times.csv` with the curves: steps, hours net of the
+logged pauses, steps per second, and the machines and code of their stretches.
 """
 
 import argparse
@@ -30,7 +32,7 @@ import numpy as np
 SCORES = pathlib.Path(__file__).resolve().parent / 'scores'
 PAPER = 'dreamer (paper)'
 
-Run = collections.namedtuple('Run', 'task, method, seed, xs, ys, eval, config', defaults=(None,))
+Run = collections.namedtuple('Run', 'task, method, seed, xs, ys, eval, config, info', defaults=(None, None))
 
 
 def load_runs(indir, xkey='step', ykey='test/return'):
@@ -53,9 +55,13 @@ def load_runs(indir, xkey='step', ykey='test/return'):
     config = None  # The run's flags (dreamer.py writes them), for the horizon figure.
     if (seed_dir / 'config.json').exists():
       config = json.loads((seed_dir / 'config.json').read_text())
+    info = None  # campaign.py's record of the run's stretches, for the times table.
+    if (seed_dir / 'run.json').exists():
+      info = json.loads((seed_dir / 'run.json').read_text())
     if points:
       xs, ys = map(np.array, zip(*sorted(points)))
-      runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation, config))
+      runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation, config,
+                      info))
   return runs
 
 
@@ -150,6 +156,38 @@ def write_tables(rows, outdir):
   lines += ['| ' + ' | '.join(fmt(row[c]) for c in COLUMNS) + ' |' for row in rows]
   (outdir / 'returns.md').write_text('\n'.join(lines) + '\n')
   return rows
+
+
+TIME_COLUMNS = ('task', 'method', 'seed', 'steps', 'hours', 'paused_hours', 'steps_per_second', 'machines',
+                'precision', 'code')
+
+
+def times_table(runs):
+  """Rows: one per run with a run.json (campaign.py's): the environment steps its stretches trained, their wall
+  hours net of the pauses run.json counts (`paused_seconds`, from `campaign.py --pause`), those pauses' hours,
+  environment steps per second of the unpaused time, and the machines, precisions and code of its stretches."""
+  rows = []
+  for run in runs:
+    if not run.info:
+      continue
+    stretches = run.info.get('stretches', [])
+    seconds = sum(s.get('seconds', 0.0) for s in stretches)
+    paused = sum(s.get('paused_seconds', 0.0) for s in stretches)
+    steps = sum(max(0, s.get('steps_to', s['steps_from']) - s['steps_from']) for s in stretches)
+    net = seconds - paused
+    unique = lambda key: ' + '.join(dict.fromkeys(str(s[key]) for s in stretches if s.get(key)))
+    rows.append(dict(task=run.task, method=run.method, seed=run.seed, steps=int(steps), hours=net / 3600,
+                     paused_hours=paused / 3600, steps_per_second=steps / net if net > 0 else None,
+                     machines=unique('device'), precision=unique('precision'), code=unique('code')))
+  return rows
+
+
+def write_times(rows, outdir):
+  fmt = lambda v: '' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
+  write_csv(outdir / 'times.csv', TIME_COLUMNS, rows, fmt)
+  lines = ['| ' + ' | '.join(TIME_COLUMNS) + ' |', '|' + '---|' * len(TIME_COLUMNS)]
+  lines += ['| ' + ' | '.join(fmt(row[c]) for c in TIME_COLUMNS) + ' |' for row in rows]
+  (outdir / 'times.md').write_text('\n'.join(lines) + '\n')
 
 
 def _steps_label(x, _):
@@ -413,7 +451,13 @@ def main(argv=None):
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)
   rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
   print((args.outdir / 'returns.md').read_text())
-  print(f'Wrote {args.outdir / "curves.png"}, curves.pdf, returns.md and returns.csv.')
+  written = 'returns.md and returns.csv'
+  times = times_table(runs)
+  if times:
+    write_times(times, args.outdir)
+    print((args.outdir / 'times.md').read_text())
+    written = 'returns.md, returns.csv, times.md and times.csv'
+  print(f'Wrote {args.outdir / "curves.png"}, curves.pdf, {written}.')
   return 0
 
 

@@ -151,3 +151,25 @@ def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
   assert rows[plotting.PAPER]['runs'] == '10'
   assert float(rows[plotting.PAPER]['mean']) == pytest.approx(np.mean(at), abs=1e-3)
   assert '| port | 4 | 2 | 100000 |' in capsys.readouterr().out
+
+
+def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_machines(tmp_path, capsys):
+  indir, outdir = tmp_path / 'runs', tmp_path / 'plots'
+  write_run(indir, 'dmc_walker_walk', 'dreamer_cpu', 0, [(0, 10), (20000, 50)])
+  write_run(indir, 'dmc_cheetah_run', 'dreamer_cpu', 0, [(0, 1), (5000, 2)])  # No run.json: not a campaign's.
+  stretches = [dict(start='2026-01-01T10:00:00', steps_from=0, steps_to=12000, seconds=4000.0, device='CPU A',
+                    precision='mixed_bfloat16', code='abc1234'),  # Before pauses were counted: none.
+               dict(start='2026-01-01T12:00:00', steps_from=12000, steps_to=20000, seconds=3000.0,
+                    paused_seconds=600.0, device='CPU A; 1 thread per op', precision='mixed_bfloat16',
+                    code='def5678')]
+  (indir / 'dmc_walker_walk' / 'dreamer_cpu' / '0' / 'run.json').write_text(json.dumps(dict(stretches=stretches)))
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
+  with (outdir / 'times.csv').open() as f:
+    [row] = list(csv.DictReader(f))
+  assert (row['task'], row['method'], row['seed'], row['steps']) == ('dmc_walker_walk', 'dreamer_cpu', '0', '20000')
+  assert float(row['hours']) == pytest.approx((4000 + 3000 - 600) / 3600, abs=0.005)
+  assert float(row['paused_hours']) == pytest.approx(600 / 3600, abs=0.005)
+  assert float(row['steps_per_second']) == pytest.approx(20000 / 6400, abs=0.005)
+  assert row['machines'] == 'CPU A + CPU A; 1 thread per op' and row['code'] == 'abc1234 + def5678'
+  assert row['precision'] == 'mixed_bfloat16'
+  assert 'times.md' in capsys.readouterr().out and (outdir / 'times.md').read_text().count('\n') == 3
