@@ -127,7 +127,8 @@ def _kernel_fn(kind, shapes, dtype, attrs, repeats, lanes=1):
   that many such chains side by side (each kernel on a share of the cores)."""
   attrs = dict(attrs)
   dtype = tf.as_dtype(dtype)
-  tensors = lambda *indices: [tf.cast(tf.random.normal(shapes[i]), dtype) for i in indices]
+  # Each lane its own inputs: copies of one computation on the same inputs are what an optimizer could merge.
+  tensors = lambda *indices: [[tf.cast(tf.random.normal(shapes[i]), dtype) for i in indices] for _ in range(lanes)]
   if kind == 'Conv2D':
     inputs = tensors(0, 1)
     op = lambda x, w: tf.raw_ops.Conv2D(input=x, filter=w, **attrs)
@@ -145,21 +146,22 @@ def _kernel_fn(kind, shapes, dtype, attrs, repeats, lanes=1):
     op = lambda a, b: tf.raw_ops.BatchMatMulV2(x=a, y=b, **attrs)
 
   @tf.function(autograph=False)
-  def run(*inputs):
-    outs = [tf.zeros(())] * lanes
+  def run(inputs):
+    outs = [tf.zeros(()) + lane for lane in range(lanes)]
     for _ in range(repeats):
       for lane in range(lanes):
         with tf.control_dependencies([outs[lane]]):
-          outs[lane] = op(*inputs)
+          outs[lane] = op(*inputs[lane])
     return tf.add_n([tf.reduce_sum(tf.cast(tf.reshape(out, [-1])[:1], tf.float32)) for out in outs])
 
-  return lambda: run(*inputs).numpy()
+  return lambda: run(inputs).numpy()
 
 
 def kernel_floor(graph, budget_s=0.3, largest=12):
   """The train step's kernel floor: each convolution (forward and both gradients) and matmul of the traced step
   timed alone at its shapes and dtype, on all cores (under --intra_op_threads: as many copies side by side as fill
-  them, the time per copy), times its calls per step, summed. Returns (floor in seconds,
+  them, the time per copy: a throughput, not comparable with a floor under TensorFlow's default threads), times its
+  calls per step, summed. Returns (floor in seconds,
   seconds by op type, the `largest` kernels by their seconds per step: op, shapes, dtype, calls, ms per call and
   per step, GFLOP/s). Each kernel runs in blocks of repeats lasting about `budget_s`; the fastest of three blocks
   counts (the empty function's own call time subtracted). Grappler is off for these small functions (oneDNN's

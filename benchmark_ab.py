@@ -36,7 +36,7 @@ def figures(data):
   for name, read in FIGURES.items():
     try:
       values[name] = read(data)
-    except KeyError:
+    except (KeyError, TypeError):
       values[name] = None
   return values
 
@@ -86,7 +86,7 @@ def main(argv=None):
       for side, code in (('old', old_code), ('new', ROOT)):
         data = run(code, outdir / f'{side}_{pair}', args.flags)
         values = figures(data)
-        runs.append(dict(side=side, pair=pair, **values))
+        runs.append(dict(side=side, pair=pair, device=data.get('device'), **values))
         print(f'{side} {pair}: ' + ', '.join(f'{k} {"n/a" if v is None else f"{v:.4g}"}' for k, v in values.items()),
               flush=True)
   medians = {side: {name: median(r[name] for r in runs if r['side'] == side) for name in FIGURES}

@@ -727,7 +727,7 @@ def set_intra_op_threads(threads):
   except RuntimeError:
     raise UserError(f'--intra_op_threads {threads}: TensorFlow has already started in this process with '
                     f'{current or "its default number of"} threads per op; set it before any TensorFlow work (or '
-                    f'run dreamer.py in a new process).')
+                    f'run dreamer.py in a new process).') from None
 
 
 def make_strategy(config):

@@ -78,8 +78,8 @@ FLAGS = (
     Flag('cpu_devices', 0, 'split the CPU into this many logical devices (to try `--distribute mirrored` without '
          'GPUs); 0: one device', minimum=0),
     Flag('intra_op_threads', 0, 'threads one TensorFlow op may use; 0: TensorFlow\'s choice (all cores). At 1 '
-         'the ops run single-threaded, two or more at a time: faster for small networks (the `cpu` preset sets it; '
-         'docs/speed.md)', minimum=0),
+         'each op runs single-threaded, as many at a time as there are cores: faster for small networks (the `cpu` '
+         'preset sets it; docs/speed.md)', minimum=0),
     # Environment.
     Flag('task', 'dmc_walker_walk', '`dmc_<domain>_<task>` (domain `cup` = `ball_in_cup`), `atari_<game>` '
          '(e.g. `atari_pong`) or `gym_<id>` (any Gymnasium id, e.g. `gym_HalfCheetah-v5`)', fixed=True),

@@ -284,6 +284,10 @@ class GRUCell(keras.layers.GRUCell):
     return h, [h]
 
 
+# The encoder's lanes split the train step's batch (hundreds of images); the policy's few images stay whole.
+MIN_LANE_IMAGES = 16
+
+
 class ConvEncoder(_Composite):
 
   def __init__(self, depth=32, act='relu', lanes=1, **kwargs):
@@ -304,8 +308,10 @@ class ConvEncoder(_Composite):
     image = obs['image']
     x = tf.reshape(image, (-1,) + tuple(image.shape[-3:]))
     convs = lambda x: self.h4(self.h3(self.h2(self.h1(tf.cast(x, self.compute_dtype)))))
-    if self._lanes > 1 and x.shape[0] and x.shape[0] % self._lanes == 0:  # Images are encoded independently.
-      x = tf.concat([convs(part) for part in tf.split(x, self._lanes, 0)], 0)
+    count = x.shape[0]
+    if self._lanes > 1 and count and count >= self._lanes * MIN_LANE_IMAGES:  # Images are encoded independently.
+      sizes = [count // self._lanes + (lane < count % self._lanes) for lane in range(self._lanes)]
+      x = tf.concat([convs(part) for part in tf.split(x, sizes, 0)], 0)
     else:
       x = convs(x)
     shape = tf.concat([tf.shape(image)[:-3], [32 * self._depth]], 0)

@@ -121,11 +121,13 @@ def threads_per_op():
 
 
 def lanes():
-  """How many ops fill the cores: 1 (TensorFlow's default: each op on all cores), or cores / threads per op under
-  --intra_op_threads (then that many run side by side). Imports TF."""
+  """How many ops fill the CPU's cores: 1 (TensorFlow's default: each op on all cores; or a GPU computes), or cores
+  / threads per op under --intra_op_threads (then that many run side by side). Imports TF."""
   import tensorflow as tf
   threads = tf.config.threading.get_intra_op_parallelism_threads()
-  return max(1, cores() // threads) if threads else 1
+  if not threads or tf.config.list_physical_devices('GPU'):
+    return 1
+  return max(1, cores() // threads)
 
 
 def cores():

@@ -110,6 +110,35 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
     assert np.isclose(row['gflops'], rate, rtol=1e-3), row
 
 
+def test_under_one_thread_per_op_the_floor_and_peak_run_their_copies_side_by_side_unmerged(monkeypatch):
+  # runtime.lanes() is 2 on two cores with --intra_op_threads 1; copies of one computation must stay copies
+  # (grappler merges identical ones: the peak's first version timed one chain and doubled it).
+  from tensorflow.python.eager import context
+  import runtime
+  monkeypatch.setattr(runtime, 'lanes', lambda: 2)
+
+  def matmuls(fn):
+    context.enable_run_metadata()
+    try:
+      fn()
+      graphs = context.export_run_metadata().function_graphs
+    finally:
+      context.disable_run_metadata()
+    return max(sum(node.op.endswith('MatMul') for node in g.post_optimization_graph.node) for g in graphs)
+
+  assert matmuls(lambda: benchmark.peak_gflops(tf.float32, size=64, repeats=3)) == 2 * 3
+  attrs = (('transpose_a', False), ('transpose_b', False))
+  # With grappler on, each lane's repeats (one op on the same inputs) merge into one, which is why kernel_floor
+  # turns it off; the lanes, on their own inputs, stay apart.
+  assert matmuls(benchmark._kernel_fn('MatMul', ((64, 32), (32, 16)), 'float32', attrs, 3, lanes=2)) == 2
+  options = tf.config.optimizer.get_experimental_options()
+  tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})  # As kernel_floor runs them.
+  try:
+    assert matmuls(benchmark._kernel_fn('MatMul', ((64, 32), (32, 8)), 'float32', attrs, 3, lanes=2)) == 2 * 3
+  finally:
+    tf.config.optimizer.set_experimental_options(options)
+
+
 @pytest.mark.e2e
 def test_benchmark_command_writes_its_json(tmp_path):
   code, out, err = run_cli('--logdir', str(tmp_path), '--benchmark', 'True', '--preset', 'debug',
@@ -120,7 +149,6 @@ def test_benchmark_command_writes_its_json(tmp_path):
               'peak_gflops', 'policy_step_ms', 'env_step_ms', 'hours_per_1e6_env_steps'):
     assert key in data, key
   assert data['precision'] == 'float32' and data['device'].startswith('CPU')
-  assert data['intra_op_threads'] == tf.config.threading.get_intra_op_parallelism_threads()
   # The machine kind and the oneDNN setting of the figures (on: the default on x86, unless the user set it).
   expected = os.environ.get('TF_ENABLE_ONEDNN_OPTS') == '1'
   assert data['onednn'] is expected and f"oneDNN {'on' if expected else 'off'}" in data['device'], data['device']

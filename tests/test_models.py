@@ -112,13 +112,13 @@ def test_conv_encoder_spatial_sizes_and_relu():
 
 
 def test_conv_encoder_in_lanes_encodes_batch_slices_side_by_side_to_the_same_values_and_gradients():
-  one, two = models.ConvEncoder(DEPTH), models.ConvEncoder(DEPTH, lanes=2)
-  image = tf.random.uniform([B, T, 64, 64, 3]) - 0.5
-  one({'image': image}), two({'image': image})
-  for a, b in zip(one.weights, two.weights):
+  one, three = models.ConvEncoder(DEPTH), models.ConvEncoder(DEPTH, lanes=3)
+  image = tf.random.uniform([5, 10, 64, 64, 3]) - 0.5  # 50 images: slices of 17, 17 and 16.
+  one({'image': image}), three({'image': image})
+  for a, b in zip(one.weights, three.weights):
     b.assign(a)
   grads = []
-  for encoder in (one, two):
+  for encoder in (one, three):
     with tf.GradientTape() as tape:
       tape.watch(image)
       embed = encoder({'image': image})
@@ -126,12 +126,16 @@ def test_conv_encoder_in_lanes_encodes_batch_slices_side_by_side_to_the_same_val
     grads.append([embed] + tape.gradient(loss, [image] + encoder.trainable_weights))
   for a, b in zip(*grads):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5 * np.abs(a.numpy()).max())
-  # Two convolutions of half the batch each per layer, in the traced graph.
-  graph = tf.function(lambda x: two({'image': x})).get_concrete_function(image).graph
-  batches = [op.inputs[0].shape[0] for op in graph.get_operations() if op.type == 'Conv2D']
-  assert batches == [B * T // 2] * 8, batches
-  # A batch the lanes do not divide (the policy's single image) is encoded whole.
-  np.testing.assert_allclose(two({'image': image[:1, :1]}).numpy(), one({'image': image[:1, :1]}).numpy(), rtol=1e-6)
+  # Per layer one convolution per slice, in the traced graph.
+  conv_batches = lambda encoder, spec: [
+      op.inputs[0].shape[0] for op in tf.function(lambda x: encoder({'image': x})).get_concrete_function(
+          spec).graph.get_operations() if op.type == 'Conv2D']
+  assert conv_batches(three, tf.TensorSpec(image.shape)) == [17] * 4 + [17] * 4 + [16] * 4
+  # Batches too small for the lanes (the policy's few images) and batches of unknown size are encoded whole.
+  small = image[:2, :3]
+  assert conv_batches(three, tf.TensorSpec(small.shape)) == [6] * 4
+  assert conv_batches(three, tf.TensorSpec([None, 64, 64, 3])) == [None] * 4
+  np.testing.assert_allclose(three({'image': small}).numpy(), one({'image': small}).numpy(), rtol=1e-6)
 
 
 # ConvDecoder ---------------------------------------------------------------------------------------------------------

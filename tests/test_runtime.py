@@ -104,18 +104,21 @@ def test_intra_op_threads_reach_tensorflow_before_it_starts(tmp_path):
     assert said == {0: 'default', 1: '1 thread per op'}.get(threads, f'{threads} threads per op'), said
 
 
-AGENT_PROBE = ('import sys, flags, dreamer, gymnasium; config = flags.parse_and_check(sys.argv[1:]); '
+AGENT_PROBE = ('import sys, flags, dreamer, gymnasium, tensorflow as tf; config = flags.parse_and_check(sys.argv[1:]); '
                'dreamer.setup(config); agent = dreamer.Dreamer(config, gymnasium.spaces.Box(-1, 1, (2,))); '
-               'print(agent._encode._lanes)')
+               'spec = tf.TensorSpec([config.batch_size, config.batch_length, 64, 64, 3]); '
+               'graph = tf.function(lambda x: agent._encode({"image": x})).get_concrete_function(spec).graph; '
+               'print(*[op.inputs[0].shape[0] for op in graph.get_operations() if op.type == "Conv2D"])')
 
 
 def test_with_one_thread_per_op_the_agent_encodes_its_batch_in_lanes(tmp_path):
+  # The debug preset's batch: 4 x 10 images; on two cores with one thread per op, two slices of 20.
   cores = len(os.sched_getaffinity(0))
-  for argv, lanes in ((['--intra_op_threads', '1'], cores), ([], 1)):
+  for argv, batches in ((['--intra_op_threads', '1'], [40 // cores] * 4 * cores), ([], [40] * 4)):
     result = subprocess.run([sys.executable, '-c', AGENT_PROBE, '--logdir', str(tmp_path), '--preset', 'debug', *argv],
                             capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-1] == str(lanes), (argv, result.stdout)
+    assert result.stdout.strip().splitlines()[-1].split() == [str(b) for b in batches], (argv, result.stdout)
 
 
 def test_intra_op_threads_cannot_change_once_tensorflow_has_started():
