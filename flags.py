@@ -363,6 +363,11 @@ def check_resume(config, has_data):
     listing = '; '.join(f'--{k} was {old}, now {new}' for k, (old, new) in fixed.items())
     raise UserError(f'{config.logdir} holds a run with other settings: {listing}. These cannot change when '
                     'resuming; use the same values or a new --logdir.')
+  # Flags newer than the code that wrote config.json: that run had their defaults (reported, never stopped: a
+  # suite's or preset's value may differ from the default without the run having differed).
+  changed.update({k: (f'{BY_NAME[k].default} (the default: its config.json has no such flag)', v)
+                  for k, v in config.items() if k in BY_NAME and k not in saved and k not in ignore
+                  and v != BY_NAME[k].default})
   if changed:
     listing = '; '.join(f'--{k} {old} -> {new}' for k, (old, new) in changed.items())
     print(f'Resuming with changed flags (applied): {listing}.')

@@ -1,6 +1,7 @@
 """The flags' one source (flags.FLAGS): parsing, checks, --help without TensorFlow, the README's table."""
 
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -131,3 +132,17 @@ def test_args_type_in_argparse(capsys):
   with pytest.raises(SystemExit):
     parser.parse_args(['--steps', '0.5'])
   assert '0.5' in capsys.readouterr().err
+
+
+def test_resume_reports_a_flag_newer_than_the_runs_config_json(tmp_path, capsys):
+  # A run whose config.json older code wrote, without a flag added since: that run had the flag's default. A
+  # resume at another value (here the cpu preset's one thread per op) says so; at the default it says nothing.
+  config = flags.parse_args(['--logdir', str(tmp_path)])
+  config.logdir = tmp_path
+  saved = {k: str(v) if k == 'logdir' else v for k, v in config.items() if k != 'intra_op_threads'}
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  flags.check_resume(config, has_data=True)
+  assert 'Resuming with changed flags' not in capsys.readouterr().out
+  config.intra_op_threads = 1
+  flags.check_resume(config, has_data=True)
+  assert '--intra_op_threads 0 (the default: its config.json has no such flag) -> 1' in capsys.readouterr().out
