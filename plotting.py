@@ -14,7 +14,9 @@ horizon, read from the `config.json` beside each run's metrics (any run folder n
 `horizon.md` / `horizon.csv` listing the points. `--figure aggregate` sets all runs of each method (and the paper's
 seeds on the same tasks, at the recorded step nearest the runs') side by side as interval estimates (Agarwal et al.,
 NeurIPS 2021): the interquartile mean, median and mean of the normalized scores (DMC: return / 1000; a run's score
-is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals. Runs that campaign.py
+is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals. With the curves, `runs.md` /
+`runs.csv` set each run's score (its eval.json mean, else its last bin) beside the paper's seeds at the same step
+(mean, min, max; inside, above or below their range). Runs that campaign.py
 ran (a `run.json` beside the metrics) also get `times.md` / `times.csv` with the curves: steps, hours net of the
 logged pauses, steps per second, and the machines and code of their stretches.
 """
@@ -156,6 +158,38 @@ def write_tables(rows, outdir):
   lines += ['| ' + ' | '.join(fmt(row[c]) for c in COLUMNS) + ' |' for row in rows]
   (outdir / 'returns.md').write_text('\n'.join(lines) + '\n')
   return rows
+
+
+RUN_COLUMNS = ('task', 'method', 'seed', 'step', 'score', 'paper_mean', 'paper_min', 'paper_max', 'against_paper')
+
+
+def runs_table(runs, paper_runs, width):
+  """Rows: one per run on a task the paper has, its score (its eval.json mean at the evaluation's step, else its
+  last bin at its last point) beside the paper's seeds there (each seed interpolated at that step): mean, min, max,
+  and whether the score is inside their range, above or below it."""
+  rows = []
+  for run in runs:
+    paper = [r for r in paper_runs if r.task == run.task]
+    if not paper:
+      continue
+    if run.eval and 'mean' in run.eval:
+      step, score = float(run.eval.get('step', run.xs[-1])), float(run.eval['mean'])
+    else:
+      step, score = float(run.xs[-1]), float(final_return(run, width))
+    seeds = [float(np.interp(step, r.xs, r.ys)) for r in paper]
+    low, high = min(seeds), max(seeds)
+    rows.append(dict(task=run.task, method=run.method, seed=run.seed, step=int(step), score=score,
+                     paper_mean=float(np.mean(seeds)), paper_min=low, paper_max=high,
+                     against_paper='inside' if low <= score <= high else ('above' if score > high else 'below')))
+  return rows
+
+
+def write_runs(rows, outdir):
+  fmt = lambda v: '' if v is None else (f'{v:.1f}' if isinstance(v, float) else str(v))
+  write_csv(outdir / 'runs.csv', RUN_COLUMNS, rows, fmt)
+  lines = ['| ' + ' | '.join(RUN_COLUMNS) + ' |', '|' + '---|' * len(RUN_COLUMNS)]
+  lines += ['| ' + ' | '.join(fmt(row[c]) for c in RUN_COLUMNS) + ' |' for row in rows]
+  (outdir / 'runs.md').write_text('\n'.join(lines) + '\n')
 
 
 TIME_COLUMNS = ('task', 'method', 'seed', 'steps', 'hours', 'paused_hours', 'steps_per_second', 'machines',
@@ -452,11 +486,16 @@ def main(argv=None):
   rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
   print((args.outdir / 'returns.md').read_text())
   written = 'returns.md and returns.csv'
+  per_run = runs_table(runs, paper_runs, args.bins)
+  if per_run:
+    write_runs(per_run, args.outdir)
+    print((args.outdir / 'runs.md').read_text())
+    written = written.replace(' and ', ', ') + ', runs.md and runs.csv'
   times = times_table(runs)
   if times:
     write_times(times, args.outdir)
     print((args.outdir / 'times.md').read_text())
-    written = 'returns.md, returns.csv, times.md and times.csv'
+    written = written.replace(' and ', ', ') + ', times.md and times.csv'
   print(f'Wrote {args.outdir / "curves.png"}, curves.pdf, {written}.')
   return 0
 

@@ -173,3 +173,28 @@ def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_mac
   assert row['machines'] == 'CPU A + CPU A; 1 thread per op' and row['code'] == 'abc1234 + def5678'
   assert row['precision'] == 'mixed_bfloat16'
   assert 'times.md' in capsys.readouterr().out and (outdir / 'times.md').read_text().count('\n') == 3
+
+
+def test_runs_table_sets_each_run_beside_the_paper_seeds_range_at_its_step(tmp_path):
+  indir, outdir = tmp_path / 'runs', tmp_path / 'plots'
+  write_run(indir, 'dmc_walker_walk', 'port', 0, [(5000, 30), (94000, 115)])
+  (indir / 'dmc_walker_walk' / 'port' / '0' / 'eval.json').write_text(
+      json.dumps({'step': 104000, 'mean': 418.9, 'returns': [418.9]}))  # The evaluation's step and mean count.
+  write_run(indir, 'dmc_walker_walk', 'port', 1, [(5000, 20), (105000, 100)])  # No eval.json: its last bin.
+  write_run(indir, 'dmc_cheetah_run', 'port', 0, [(5000, 0.1)])
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--bins', '1e4']) == 0
+  with (outdir / 'runs.csv').open() as f:
+    rows = {(r['task'], r['seed']): r for r in csv.DictReader(f)}
+  seeds = lambda task, step: [np.interp(step, r['xs'], r['ys']) for r in json.loads(
+      (ROOT / 'scores' / 'dreamer.json').read_text()) if r['task'] == task]
+  expected = [('dmc_walker_walk', '0', 104000, 418.9), ('dmc_walker_walk', '1', 105000, 100.0),
+              ('dmc_cheetah_run', '0', 5000, 0.1)]
+  for task, seed, step, score in expected:
+    row, paper = rows[(task, seed)], seeds(task, step)
+    assert int(row['step']) == step and float(row['score']) == pytest.approx(score, abs=0.05), row
+    assert float(row['paper_mean']) == pytest.approx(np.mean(paper), abs=0.05)
+    assert (float(row['paper_min']), float(row['paper_max'])) == pytest.approx((min(paper), max(paper)), abs=0.05)
+    label = 'inside' if min(paper) <= score <= max(paper) else ('above' if score > max(paper) else 'below')
+    assert row['against_paper'] == label, row
+  assert [rows[(t, s)]['against_paper'] for t, s, _, _ in expected] == ['above', 'inside', 'below']
+  assert (outdir / 'runs.md').exists()
