@@ -150,13 +150,18 @@ def write_csv(path, columns, rows, fmt):
     writer.writerows([[fmt(row[c]) for c in columns] for row in rows])
 
 
+def write_table(outdir, name, columns, rows, digits=1):
+  """rows (dicts) as `name`.csv and `name`.md (a markdown table) in outdir, floats to `digits` decimals."""
+  fmt = lambda v: '' if v is None else (f'{v:.{digits}f}' if isinstance(v, float) else str(v))
+  write_csv(outdir / f'{name}.csv', columns, rows, fmt)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(fmt(row[c]) for c in columns) + ' |' for row in rows]
+  (outdir / f'{name}.md').write_text('\n'.join(lines) + '\n')
+
+
 def write_tables(rows, outdir):
   rows = rows + [average_row(rows)]
-  fmt = lambda v: '' if v is None else (f'{v:.1f}' if isinstance(v, float) else str(v))
-  write_csv(outdir / 'returns.csv', COLUMNS, rows, fmt)
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  lines += ['| ' + ' | '.join(fmt(row[c]) for c in COLUMNS) + ' |' for row in rows]
-  (outdir / 'returns.md').write_text('\n'.join(lines) + '\n')
+  write_table(outdir, 'returns', COLUMNS, rows)
   return rows
 
 
@@ -184,14 +189,6 @@ def runs_table(runs, paper_runs, width):
   return rows
 
 
-def write_runs(rows, outdir):
-  fmt = lambda v: '' if v is None else (f'{v:.1f}' if isinstance(v, float) else str(v))
-  write_csv(outdir / 'runs.csv', RUN_COLUMNS, rows, fmt)
-  lines = ['| ' + ' | '.join(RUN_COLUMNS) + ' |', '|' + '---|' * len(RUN_COLUMNS)]
-  lines += ['| ' + ' | '.join(fmt(row[c]) for c in RUN_COLUMNS) + ' |' for row in rows]
-  (outdir / 'runs.md').write_text('\n'.join(lines) + '\n')
-
-
 TIME_COLUMNS = ('task', 'method', 'seed', 'steps', 'hours', 'paused_hours', 'steps_per_second', 'machines',
                 'precision', 'code')
 
@@ -214,14 +211,6 @@ def times_table(runs):
                      paused_hours=paused / 3600, steps_per_second=steps / net if net > 0 else None,
                      machines=unique('device'), precision=unique('precision'), code=unique('code')))
   return rows
-
-
-def write_times(rows, outdir):
-  fmt = lambda v: '' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
-  write_csv(outdir / 'times.csv', TIME_COLUMNS, rows, fmt)
-  lines = ['| ' + ' | '.join(TIME_COLUMNS) + ' |', '|' + '---|' * len(TIME_COLUMNS)]
-  lines += ['| ' + ' | '.join(fmt(row[c]) for c in TIME_COLUMNS) + ' |' for row in rows]
-  (outdir / 'times.md').write_text('\n'.join(lines) + '\n')
 
 
 def _steps_label(x, _):
@@ -318,11 +307,7 @@ def plot_horizon(points, outdir, ykey, cols=4):
   for suffix in ('png', 'pdf'):
     fig.savefig(outdir / f'horizon.{suffix}', dpi=110)
   plt.close(fig)
-  fmt = lambda v: f'{v:.1f}' if isinstance(v, float) else str(v)
-  write_csv(outdir / 'horizon.csv', HORIZON_COLUMNS, points, fmt)
-  lines = ['| ' + ' | '.join(HORIZON_COLUMNS) + ' |', '|' + '---|' * len(HORIZON_COLUMNS)]
-  lines += ['| ' + ' | '.join(fmt(p[c]) for c in HORIZON_COLUMNS) + ' |' for p in points]
-  (outdir / 'horizon.md').write_text('\n'.join(lines) + '\n')
+  write_table(outdir, 'horizon', HORIZON_COLUMNS, points)
 
 
 # The aggregate figure (Agarwal et al., NeurIPS 2021: interval estimates over runs) --------------------------------
@@ -419,7 +404,7 @@ def plot_aggregate(rows, outdir):
   for suffix in ('png', 'pdf'):
     fig.savefig(outdir / f'aggregate.{suffix}', dpi=110)
   plt.close(fig)
-  fmt = lambda v: f'{v:.3f}' if isinstance(v, float) else str(v)
+  fmt = lambda v: f'{v:.{digits}f}' if isinstance(v, float) else str(v)
   write_csv(outdir / 'aggregate.csv', AGGREGATE_COLUMNS, rows, fmt)
   lines = ['| method | runs | tasks | step | ' + ' | '.join(f'{n} [95% CI]' for n in STATISTICS) + ' |',
            '|' + '---|' * (4 + len(STATISTICS))]
@@ -488,12 +473,12 @@ def main(argv=None):
   written = 'returns.md and returns.csv'
   per_run = runs_table(runs, paper_runs, args.bins)
   if per_run:
-    write_runs(per_run, args.outdir)
+    write_table(args.outdir, 'runs', RUN_COLUMNS, per_run)
     print((args.outdir / 'runs.md').read_text())
     written = written.replace(' and ', ', ') + ', runs.md and runs.csv'
   times = times_table(runs)
   if times:
-    write_times(times, args.outdir)
+    write_table(args.outdir, 'times', TIME_COLUMNS, times, digits=2)
     print((args.outdir / 'times.md').read_text())
     written = written.replace(' and ', ', ') + ', times.md and times.csv'
   print(f'Wrote {args.outdir / "curves.png"}, curves.pdf, {written}.')
