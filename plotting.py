@@ -404,7 +404,7 @@ def plot_aggregate(rows, outdir):
   for suffix in ('png', 'pdf'):
     fig.savefig(outdir / f'aggregate.{suffix}', dpi=110)
   plt.close(fig)
-  fmt = lambda v: f'{v:.{digits}f}' if isinstance(v, float) else str(v)
+  fmt = lambda v: f'{v:.3f}' if isinstance(v, float) else str(v)
   write_csv(outdir / 'aggregate.csv', AGGREGATE_COLUMNS, rows, fmt)
   lines = ['| method | runs | tasks | step | ' + ' | '.join(f'{n} [95% CI]' for n in STATISTICS) + ' |',
            '|' + '---|' * (4 + len(STATISTICS))]
