@@ -1,9 +1,11 @@
 """Learning curves against the paper's, and a table of final returns.
 
 Runs are read from `<indir>/<task>/<method>/<seed>/metrics.jsonl` (and `eval.json` beside it when present). Each
-run's points (`--xkey`, `--ykey`) are averaged in bins of `--bins` steps; a method's curve is the mean over seeds
-with a min-max (or standard-deviation) band. The published Dreamer curves (`scores/dreamer.json`) are drawn as the
-method `dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines.
+run's points (`--xkey`, `--ykey`; an `eval.json`'s mean is the test return at its step) are averaged in bins of
+`--bins` steps as the reference's plotting.py bins them (the first point alone, then (x - bins, x] every `bins` steps
+after it); a method's curve is the mean over seeds with a min-max (or standard-deviation) band. The published Dreamer
+curves (`scores/dreamer.json`, bins of 1e5 steps of one test episode every 1e4) are drawn as the method
+`dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines.
 
   python plotting.py --indir logdir --outdir plots
 
@@ -14,11 +16,11 @@ horizon, read from the `config.json` beside each run's metrics (any run folder n
 `horizon.md` / `horizon.csv` listing the points. `--figure aggregate` sets all runs of each method (and the paper's
 seeds on the same tasks, at the recorded step nearest the runs') side by side as interval estimates (Agarwal et al.,
 NeurIPS 2021): the interquartile mean, median and mean of the normalized scores (DMC: return / 1000; a run's score
-is its eval.json mean, else its last bin) with 95% stratified bootstrap confidence intervals. With the curves, `runs.md` /
-`runs.csv` set each run's score (its eval.json mean, else its last bin) beside the paper's seeds at the same step
-(mean, min, max; inside, above or below their range). Runs that campaign.py
-ran (a `run.json` beside the metrics) also get `times.md` / `times.csv` with the curves: steps, hours net of the
-logged pauses, steps per second, and the machines and code of their stretches.
+is its last bin, of 1e5 steps beside the paper like the paper's) with 95% stratified bootstrap confidence intervals.
+With the curves, `runs.md` / `runs.csv` set each run's last bin of 1e5 steps (binned like the paper's values) and
+its eval.json mean beside the paper's seeds at that step (mean, min, max; inside, above or below their range). Runs
+that campaign.py ran (a `run.json` beside the metrics) also get `times.md` / `times.csv` with the curves: steps,
+hours net of the logged pauses, steps per second, and the machines and code of their stretches.
 """
 
 import argparse
@@ -60,6 +62,11 @@ def load_runs(indir, xkey='step', ykey='test/return'):
     info = None  # campaign.py's record of the run's stretches, for the times table.
     if (seed_dir / 'run.json').exists():
       info = json.loads((seed_dir / 'run.json').read_text())
+    if evaluation and (xkey, ykey) == ('step', 'test/return') and 'step' in evaluation and 'mean' in evaluation:
+      # The final checkpoint's evaluation (its episodes' mean) is the run's test return at its step: the last
+      # point of its curve and of its last bin, as the paper's test episode at that step is of the paper's.
+      if not points or float(evaluation['step']) > max(x for x, _ in points):
+        points.append((float(evaluation['step']), float(evaluation['mean'])))
     if points:
       xs, ys = map(np.array, zip(*sorted(points)))
       runs.append(Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, xs, ys, evaluation, config,
@@ -76,11 +83,28 @@ def load_paper(scores=SCORES):
 
 
 def binning(xs, ys, width):
-  """Mean of ys per bin [k * width, (k + 1) * width); returns the bins' left edges and their means."""
-  index = np.floor(np.asarray(xs) / width).astype(int)
-  edges = np.unique(index)
-  means = np.array([np.mean(np.asarray(ys)[index == i]) for i in edges])
-  return edges * width, means
+  """The reference's bins (its plotting.py): the first holds the first point alone, each next one the points in
+  (label - width, label], at labels every `width` steps after the first point. Returns the labels of the bins that
+  hold points and their means. The published curves are such bins (see PAPER_WIDTH). A last bin whose points come
+  within a tenth of a width of its label counts (a run that stopped a test or a few steps short of it); points
+  after the last bin are left out, as in the reference."""
+  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+  labels = np.arange(xs.min(), xs.max() + 0.1 * width + 1e-9, width)
+  starts = np.concatenate([[-np.inf], labels[:-1]])
+  kept, means = [], []
+  for start, stop in zip(starts, labels):
+    inside = (xs > start) & (xs <= stop)
+    if inside.any():
+      kept.append(stop)
+      means.append(ys[inside].mean())
+  return np.array(kept), np.array(means)
+
+
+# scores/dreamer.json's values are bins of 1e5 steps over one test episode every 1e4 (from 5,000): after the first,
+# each is the mean of the ten episodes in (x - 1e5, x], not the return at x. Their rounding shows it: 92% of the
+# first values are multiples of 1/256 (one rounded return), 99% of the later ones multiples of 1/1280 and only 21%
+# of 1/128 (means of ten). A run is set beside them binned the same way (docs/reproduction.md).
+PAPER_WIDTH = 1e5
 
 
 def curve(runs, width, band='minmax'):
@@ -121,7 +145,7 @@ def table(runs, paper_runs, width):
     groups[(run.task, run.method)].append(run)
   for (task, method), group in sorted(groups.items()):
     paper = [r for r in paper_runs if r.task == task]
-    step = max(run.xs[-1] for run in group)
+    step = max(binning(run.xs, run.ys, width)[0][-1] for run in group)  # The last bins' label.
     evals = [run.eval['mean'] for run in group if run.eval]
     rows.append(dict(
         task=task, method=method, seeds=len(group), step=int(step),
@@ -165,25 +189,28 @@ def write_tables(rows, outdir):
   return rows
 
 
-RUN_COLUMNS = ('task', 'method', 'seed', 'step', 'score', 'paper_mean', 'paper_min', 'paper_max', 'against_paper')
+RUN_COLUMNS = ('task', 'method', 'seed', 'step', 'tests', 'score', 'eval', 'paper_mean', 'paper_min', 'paper_max',
+               'against_paper')
 
 
-def runs_table(runs, paper_runs, width):
-  """Rows: one per run on a task the paper has, its score (its eval.json mean at the evaluation's step, else its
-  last bin at its last point) beside the paper's seeds there (each seed interpolated at that step): mean, min, max,
+def runs_table(runs, paper_runs):
+  """Rows: one per run on a task the paper has: its last bin of PAPER_WIDTH steps binned like the paper's values
+  (`step` its label, `tests` its points, `score` their mean; an eval.json is its last point), its eval.json mean
+  (the final checkpoint's episodes), and the paper's seeds at that step (each interpolated there): mean, min, max,
   and whether the score is inside their range, above or below it."""
   rows = []
   for run in runs:
     paper = [r for r in paper_runs if r.task == run.task]
     if not paper:
       continue
-    if run.eval and 'mean' in run.eval:
-      step, score = float(run.eval.get('step', run.xs[-1])), float(run.eval['mean'])
-    else:
-      step, score = float(run.xs[-1]), float(final_return(run, width))
+    labels, means = binning(run.xs, run.ys, PAPER_WIDTH)
+    step, score = float(labels[-1]), float(means[-1])
+    start = step - PAPER_WIDTH if step > run.xs.min() else -np.inf
+    tests = int(np.sum((run.xs > start) & (run.xs <= step)))
     seeds = [float(np.interp(step, r.xs, r.ys)) for r in paper]
     low, high = min(seeds), max(seeds)
-    rows.append(dict(task=run.task, method=run.method, seed=run.seed, step=int(step), score=score,
+    rows.append(dict(task=run.task, method=run.method, seed=run.seed, step=int(step), tests=tests, score=score,
+                     eval=float(run.eval['mean']) if run.eval and 'mean' in run.eval else None,
                      paper_mean=float(np.mean(seeds)), paper_min=low, paper_max=high,
                      against_paper='inside' if low <= score <= high else ('above' if score > high else 'below')))
   return rows
@@ -241,7 +268,6 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
       if method == PAPER:  # Up to the first point past the runs, so the paper's trend shows.
         keep = np.arange(len(xs)) <= np.searchsorted(xs, xmax)
         xs, mean, low, high = xs[keep], mean[keep], low[keep], high[keep]
-      xs = xs + width / 2  # Draw each bin at its middle.
       ax.plot(xs, mean, color=colors[method], label=method, marker='o' if len(xs) < 8 else None, ms=3)
       ax.fill_between(xs, low, high, color=colors[method], alpha=0.2)
     for i, (name, score) in enumerate(sorted(baselines.get(task, {}).items())):
@@ -320,12 +346,6 @@ def normalized(task, value):
   return value / 1000.0 if task.startswith('dmc_') else value
 
 
-def run_score(run, width):
-  """A run's score: the mean of its eval.json (the final checkpoint's evaluation) where present, else its last
-  bin of test returns."""
-  return float(run.eval['mean']) if run.eval else float(final_return(run, width))
-
-
 def paper_scores(paper_runs, tasks, step):
   """{task: [score per seed]}: the paper's test return at its recorded step nearest `step`."""
   scores = {}
@@ -359,11 +379,17 @@ def interval(per_task, name, resamples=2000, confidence=0.95, seed=0):
 
 def aggregate_rows(runs, paper_runs, width):
   """Rows {method, runs, tasks, step, IQM, IQM_low, IQM_high, ...}: every method's normalized scores over all its
-  runs (and the paper's seeds at the runs' step on the same tasks), with 95% stratified bootstrap intervals."""
+  runs (a run's score: its last bin, of PAPER_WIDTH steps when the paper's seeds are beside them so that both are
+  binned alike, else of `width`), and the paper's seeds at their recorded step nearest the runs' on the same
+  tasks, with 95% stratified bootstrap intervals."""
+  width = PAPER_WIDTH if paper_runs else width
   groups = collections.defaultdict(dict)
+  steps = []
   for run in runs:
-    groups[run.method].setdefault(run.task, []).append(normalized(run.task, run_score(run, width)))
-  step = max(run.xs[-1] for run in runs)
+    labels, means = binning(run.xs, run.ys, width)
+    groups[run.method].setdefault(run.task, []).append(normalized(run.task, float(means[-1])))
+    steps.append(labels[-1])
+  step = max(steps)
   tasks = sorted({run.task for run in runs})
   paper = {t: [normalized(t, v) for v in vs] for t, vs in paper_scores(paper_runs, tasks, step).items()}
   if paper:
@@ -471,7 +497,7 @@ def main(argv=None):
   rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
   print((args.outdir / 'returns.md').read_text())
   written = 'returns.md and returns.csv'
-  per_run = runs_table(runs, paper_runs, args.bins)
+  per_run = runs_table(runs, paper_runs)
   if per_run:
     write_table(args.outdir, 'runs', RUN_COLUMNS, per_run)
     print((args.outdir / 'runs.md').read_text())

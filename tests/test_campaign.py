@@ -47,7 +47,7 @@ def test_a_campaign_runs_skips_resumes_and_limits(tmp_path):
   limited = json.loads((tmp_path / 'copy' / 'dmc_walker_walk' / 'limited' / '3' / 'run.json').read_text())
   assert limited['stretches'][0]['stopped'] == f'at the wall-time limit of {info["seconds"]} s', limited
   assert limited['stretches'][0]['steps_to'] < 5000
-  assert (tmp_path / 'copy' / 'dmc_walker_walk' / 'limited' / '3' / 'eval.json').exists()
+  assert (tmp_path / 'copy' / 'dmc_walker_walk' / 'limited' / '3' / 'eval.json').exists(), out[-3000:]
 
   code, out = run_campaign(tmp_path, *argv)  # Everything is done: nothing runs.
   assert code == 0 and out.count(': finished.') == 2 and 'training' not in out, out

@@ -11,7 +11,7 @@ import plotting
 from helpers import ROOT
 
 
-def write_run(indir, task, method, seed, points, evaluation=None, junk=False):
+def write_run(indir, task, method, seed, points, evaluation=None, junk=False, eval_step=None):
   folder = indir / task / method / str(seed)
   folder.mkdir(parents=True)
   lines = [json.dumps({'step': s, 'test/return': r, 'test/length': 500, 'episodes': 1}) for s, r in points]
@@ -20,7 +20,8 @@ def write_run(indir, task, method, seed, points, evaluation=None, junk=False):
     lines.append('{"step": 9')  # A partial last line, as a killed run may leave.
   (folder / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
   if evaluation is not None:
-    (folder / 'eval.json').write_text(json.dumps({'mean': evaluation, 'returns': [evaluation]}))
+    step = {} if eval_step is None else {'step': eval_step}
+    (folder / 'eval.json').write_text(json.dumps({**step, 'mean': evaluation, 'returns': [evaluation]}))
 
 
 def paper(task):
@@ -32,9 +33,10 @@ def paper(task):
 
 def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   indir, outdir = tmp_path / 'logdir', tmp_path / 'plots'
-  write_run(indir, 'dmc_walker_walk', 'port', 0, [(0, 10), (50000, 20), (100000, 30), (150000, 50)], 44.0)
-  write_run(indir, 'dmc_walker_walk', 'port', 1, [(0, 0), (50000, 10), (100000, 60), (150000, 70)], junk=True)
-  write_run(indir, 'dmc_cheetah_run', 'port', 0, [(0, 1), (250000, 100)])
+  grid = [5000, 55000, 105000, 155000, 205000]
+  write_run(indir, 'dmc_walker_walk', 'port', 0, list(zip(grid, [10, 20, 30, 40, 50])), 44.0)  # No step: no point.
+  write_run(indir, 'dmc_walker_walk', 'port', 1, list(zip(grid + [240000], [0, 10, 60, 70, 80, 999])), junk=True)
+  write_run(indir, 'dmc_cheetah_run', 'port', 0, [(5000, 1), (105000, 100)])
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
   assert 'not JSON' in capsys.readouterr().err
   for name in ('curves.png', 'curves.pdf'):
@@ -44,18 +46,19 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   walker_at, walker_final = paper('dmc_walker_walk')
   cheetah_at, cheetah_final = paper('dmc_cheetah_run')
   walker = rows['dmc_walker_walk']
-  # Bins of 1e5 steps: seed 0 ends with mean(30, 50) = 40, seed 1 with mean(60, 70) = 65.
-  assert float(walker['final']) == 52.5 and walker['seeds'] == '2' and walker['step'] == '150000'
+  # Bins of 1e5 steps from the first point, (x - 1e5, x]: seed 0 ends with mean(40, 50) = 45 at 205000, seed 1
+  # with mean(70, 80) = 75 (its point at 240000 is past its last bin).
+  assert float(walker['final']) == 60.0 and walker['seeds'] == '2' and walker['step'] == '205000'
   assert float(walker['eval']) == 44.0
-  assert abs(float(walker['paper_same_step']) - walker_at(150000)) < 0.05
+  assert abs(float(walker['paper_same_step']) - walker_at(205000)) < 0.05
   assert abs(float(walker['paper_final']) - walker_final) < 0.05
   cheetah = rows['dmc_cheetah_run']
   assert float(cheetah['final']) == 100.0 and cheetah['eval'] == ''
-  assert abs(float(cheetah['paper_same_step']) - cheetah_at(250000)) < 0.05
+  assert abs(float(cheetah['paper_same_step']) - cheetah_at(105000)) < 0.05
   average = rows['average']
-  assert abs(float(average['final']) - (52.5 + 100.0) / 2) < 0.05
+  assert abs(float(average['final']) - (60.0 + 100.0) / 2) < 0.05
   assert abs(float(average['paper_final']) - (walker_final + cheetah_final) / 2) < 0.05
-  assert '| dmc_walker_walk | port | 2 | 150000 | 52.5 | 44.0 |' in (outdir / 'returns.md').read_text()
+  assert '| dmc_walker_walk | port | 2 | 205000 | 60.0 | 44.0 |' in (outdir / 'returns.md').read_text()
 
 
 def test_filters_and_missing_runs(tmp_path):
@@ -69,9 +72,30 @@ def test_filters_and_missing_runs(tmp_path):
   assert plotting.main(['--indir', str(tmp_path / 'empty'), '--outdir', str(tmp_path / 'b')]) == 2
 
 
-def test_binning_and_curve():
-  edges, means = plotting.binning([0, 10, 100, 250], [1.0, 3.0, 5.0, 7.0], 100)
-  assert list(edges) == [0, 100, 200] and list(means) == [2.0, 5.0, 7.0]
+def test_binning_is_the_references_and_keeps_the_papers_published_points():
+  # The first point alone, then (x - width, x] at labels every width after it; points past the last label left out.
+  labels, means = plotting.binning([0, 50, 100, 150], [1.0, 3.0, 5.0, 7.0], 100)
+  assert list(labels) == [0, 100] and list(means) == [1.0, 4.0]
+  labels, means = plotting.binning([0, 50, 100, 150, 191], [1.0, 3.0, 5.0, 7.0, 9.0], 100)  # 191: near enough.
+  assert list(labels) == [0, 100, 200] and list(means) == [1.0, 4.0, 8.0]
+  labels, means = plotting.binning([0, 50, 100, 150, 189], [1.0, 3.0, 5.0, 7.0, 9.0], 100)
+  assert list(labels) == [0, 100]
+  # A test episode every 1e4 steps from 5,000 and a run stopped at 104,000: the paper's bins of 1e5.
+  xs = [5000 + 10000 * k for k in range(10)] + [104000]
+  labels, means = plotting.binning(xs, np.arange(11.0), 1e5)
+  assert list(labels) == [5000, 105000] and list(means) == [0.0, 5.5]
+  # Binning the published curves at their own width or finer gives them back at their own steps.
+  paper_runs, _ = plotting.load_paper(ROOT / 'scores')
+  walker = [r for r in paper_runs if r.task == 'dmc_walker_walk']
+  for width in (1e4, 1e5):
+    xs, mean, low, high = plotting.curve(walker, width)
+    at = {x: [y for r in walker for rx, y in zip(r.xs, r.ys) if rx == x] for x in xs}
+    assert list(xs) == sorted({x for r in walker for x in r.xs})
+    np.testing.assert_allclose(mean, [np.mean(at[x]) for x in xs])
+    np.testing.assert_allclose(high, [np.max(at[x]) for x in xs])
+
+
+def test_curve_over_seeds():
   runs = [plotting.Run('t', 'm', str(i), np.array([0, 100.0]), np.array(ys), None)
           for i, ys in enumerate([[1.0, 2.0], [3.0, 6.0]])]
   xs, mean, low, high = plotting.curve(runs, 100)
@@ -134,23 +158,24 @@ def test_aggregate_intervals_are_stratified_bootstraps_of_the_iqm(tmp_path):
 def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
   indir, outdir = tmp_path / 'runs', tmp_path / 'plots'
   for seed, final in enumerate([300.0, 500.0]):
-    write_run(indir, 'dmc_walker_walk', 'port', seed, [(0, 10), (100000, 40)], final)  # eval.json wins.
-    write_run(indir, 'dmc_cheetah_run', 'port', seed, [(0, 1), (100000, 100 + 100 * seed)])
+    # The evaluation at 105,000 is the last point of the bin (5000, 105000]: (40 + final) / 2.
+    write_run(indir, 'dmc_walker_walk', 'port', seed, [(5000, 10), (95000, 40)], final, eval_step=105000)
+    write_run(indir, 'dmc_cheetah_run', 'port', seed, [(5000, 1), (105000, 100 + 100 * seed)])
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--figure', 'aggregate']) == 0
   assert (outdir / 'aggregate.png').stat().st_size > 10000 and (outdir / 'aggregate.pdf').exists()
   rows = {row['method']: row for row in csv.DictReader((outdir / 'aggregate.csv').open())}
   assert set(rows) == {'port', plotting.PAPER}
   port = rows['port']
-  assert (port['runs'], port['tasks'], port['step']) == ('4', '2', '100000')
-  assert float(port['mean']) == pytest.approx(np.mean([0.3, 0.5, 0.1, 0.2]), abs=1e-3)
-  assert float(port['IQM']) == pytest.approx(iqm([0.3, 0.5, 0.1, 0.2]), abs=1e-3)
+  assert (port['runs'], port['tasks'], port['step']) == ('4', '2', '105000')
+  assert float(port['mean']) == pytest.approx(np.mean([0.17, 0.27, 0.1, 0.2]), abs=1e-3)
+  assert float(port['IQM']) == pytest.approx(iqm([0.17, 0.27, 0.1, 0.2]), abs=1e-3)
   assert float(port['IQM_low']) <= float(port['IQM']) <= float(port['IQM_high'])
-  # The paper: its five seeds per task at its recorded step nearest 1e5 (1.05e5).
+  # The paper: its five seeds per task at 1.05e5.
   scores = json.loads((ROOT / 'scores' / 'dreamer.json').read_text())
   at = [r['ys'][r['xs'].index(105000.0)] / 1000 for r in scores if r['task'] in ('dmc_walker_walk', 'dmc_cheetah_run')]
   assert rows[plotting.PAPER]['runs'] == '10'
   assert float(rows[plotting.PAPER]['mean']) == pytest.approx(np.mean(at), abs=1e-3)
-  assert '| port | 4 | 2 | 100000 |' in capsys.readouterr().out
+  assert '| port | 4 | 2 | 105000 |' in capsys.readouterr().out
 
 
 def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_machines(tmp_path, capsys):
@@ -175,26 +200,26 @@ def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_mac
   assert 'times.md' in capsys.readouterr().out and (outdir / 'times.md').read_text().count('\n') == 3
 
 
-def test_runs_table_sets_each_run_beside_the_paper_seeds_range_at_its_step(tmp_path):
+def test_runs_table_bins_each_run_like_the_papers_values_and_sets_it_beside_their_range(tmp_path):
   indir, outdir = tmp_path / 'runs', tmp_path / 'plots'
-  write_run(indir, 'dmc_walker_walk', 'port', 0, [(5000, 30), (94000, 115)])
-  (indir / 'dmc_walker_walk' / 'port' / '0' / 'eval.json').write_text(
-      json.dumps({'step': 104000, 'mean': 418.9, 'returns': [418.9]}))  # The evaluation's step and mean count.
-  write_run(indir, 'dmc_walker_walk', 'port', 1, [(5000, 20), (105000, 100)])  # No eval.json: its last bin.
+  # Stopped at 104,000 steps; its evaluation is its last point, in the bin (5000, 105000].
+  write_run(indir, 'dmc_walker_walk', 'port', 0, [(5000, 30), (15000, 60), (94000, 115)], 700.0, eval_step=104000)
+  write_run(indir, 'dmc_walker_walk', 'port', 1, [(5000, 20), (55000, 50), (105000, 150)])  # No eval.json.
   write_run(indir, 'dmc_cheetah_run', 'port', 0, [(5000, 0.1)])
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--bins', '1e4']) == 0
   with (outdir / 'runs.csv').open() as f:
     rows = {(r['task'], r['seed']): r for r in csv.DictReader(f)}
   seeds = lambda task, step: [np.interp(step, r['xs'], r['ys']) for r in json.loads(
       (ROOT / 'scores' / 'dreamer.json').read_text()) if r['task'] == task]
-  expected = [('dmc_walker_walk', '0', 104000, 418.9), ('dmc_walker_walk', '1', 105000, 100.0),
-              ('dmc_cheetah_run', '0', 5000, 0.1)]
-  for task, seed, step, score in expected:
+  expected = [('dmc_walker_walk', '0', 105000, 3, (60 + 115 + 700) / 3, '700.0'),
+              ('dmc_walker_walk', '1', 105000, 2, 100.0, ''), ('dmc_cheetah_run', '0', 5000, 1, 0.1, '')]
+  for task, seed, step, tests, score, evaluation in expected:
     row, paper = rows[(task, seed)], seeds(task, step)
-    assert int(row['step']) == step and float(row['score']) == pytest.approx(score, abs=0.05), row
+    assert int(row['step']) == step and int(row['tests']) == tests, row
+    assert float(row['score']) == pytest.approx(score, abs=0.05) and row['eval'] == evaluation, row
     assert float(row['paper_mean']) == pytest.approx(np.mean(paper), abs=0.05)
     assert (float(row['paper_min']), float(row['paper_max'])) == pytest.approx((min(paper), max(paper)), abs=0.05)
     label = 'inside' if min(paper) <= score <= max(paper) else ('above' if score > max(paper) else 'below')
     assert row['against_paper'] == label, row
-  assert [rows[(t, s)]['against_paper'] for t, s, _, _ in expected] == ['above', 'inside', 'below']
+  assert [rows[(t, s)]['against_paper'] for t, s, *_ in expected] == ['above', 'inside', 'below']
   assert (outdir / 'runs.md').exists()
