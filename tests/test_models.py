@@ -74,10 +74,87 @@ def noise(state):
 # Activations ---------------------------------------------------------------------------------------------------------
 
 def test_get_act_names_and_unknown():
-  assert models.get_act('elu') is tf.nn.elu
+  assert models.get_act('swish') is tf.nn.swish
   assert models.get_act(tf.tanh) is tf.tanh
   with pytest.raises(ValueError, match='tanhh'):
     models.get_act('tanhh')
+
+
+def _graph_ops(fn, *args):
+  """The op types of fn's graph on these arguments (not those inside the functions it calls), and whether it
+  calls a function that XLA compiles."""
+  graph = tf.function(fn, autograph=False).get_concrete_function(*args).graph
+  xla = any(f.definition.attr['_XlaMustCompile'].b for f in graph._functions.values())
+  return {op.type for op in graph.get_operations()}, xla
+
+
+def _grads(fn, x, dy, *more):
+  with tf.GradientTape() as tape:
+    tape.watch([x, *more])
+    y = fn(x, *more)
+  return [y, *tape.gradient(y, [x, *more], output_gradients=dy)]
+
+
+@pytest.mark.parametrize('name', ['relu', 'elu'])
+def test_relu_and_elu_are_tensorflows_and_in_bfloat16_take_their_gradient_from_xla(name):
+  """In float32 the activation is TensorFlow's op with its own gradient. In bfloat16 the forward pass is still
+  TensorFlow's op (oneDNN fuses it with the layer's matmul or convolution) and the gradient is an XLA program of
+  the same formula: equal to TensorFlow's ReluGrad, and to its EluGrad within one rounding of bfloat16."""
+  act, reference = models.get_act(name), getattr(tf.nn, name)
+  rng = np.random.default_rng(3)
+  values = np.concatenate([rng.normal(size=4000) * 3, [0.0, -0.0, 1e-3, -1e-3, -20.0, 20.0]])
+  for dtype in (tf.float32, tf.bfloat16):
+    x = tf.constant(values, dtype)
+    dy = tf.constant(rng.normal(size=values.shape), dtype)
+    got, expected = _grads(act, x, dy), _grads(reference, x, dy)
+    np.testing.assert_array_equal(tf.cast(got[0], tf.float32), tf.cast(expected[0], tf.float32))
+    grad, truth = (tf.cast(g[1], tf.float32).numpy() for g in (got, expected))
+    if dtype == tf.float32 or name == 'relu':
+      np.testing.assert_array_equal(grad, truth)
+    else:  # (y + 1) * dy rounded once, or twice as TensorFlow's bfloat16 kernel rounds it.
+      np.testing.assert_allclose(grad, truth, rtol=2 ** -7, atol=0)
+      np.testing.assert_array_equal(grad[values > 0], truth[values > 0])
+    ops, xla = _graph_ops(lambda x, dy: _grads(act, x, dy)[1], x, dy)
+    assert (name.capitalize() + 'Grad' in ops) == (dtype == tf.float32) and xla == (dtype == tf.bfloat16), ops
+
+
+@pytest.mark.parametrize('name', ['relu', 'elu'])
+def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activations_values(name):
+  """bias_act (the decoder's transposed convolutions): in bfloat16 one XLA program for act(x + bias), rounded once
+  (relu: exactly bias_add and tf.nn.relu; elu: one rounding less than bias_add and tf.nn.elu); its
+  input gradient the activation's and its bias gradient the float32 sum of those (to bfloat16's rounding of the
+  result); in float32 TensorFlow's own ops."""
+  act = models.get_act(name)
+  rng = np.random.default_rng(4)
+  x = tf.constant(rng.normal(size=(40, 5, 5, 16)) * 2, tf.bfloat16)
+  bias = tf.constant(rng.normal(size=16), tf.bfloat16)
+  dy = tf.constant(rng.normal(size=x.shape) + 1.0, tf.bfloat16)  # Mean 1: bias sums grow with the batch.
+  y, dx, dbias = _grads(lambda x, b: models.bias_act(x, b, act), x, dy, bias)
+  y = tf.cast(y, tf.float32).numpy()
+  if name == 'relu':
+    np.testing.assert_array_equal(y, tf.cast(tf.nn.relu(tf.nn.bias_add(x, bias)), tf.float32).numpy())
+  else:  # The elu of x + bias rounded once: XLA keeps x + bias in float32. (TensorFlow's bfloat16 Elu kernel rounds
+    # exp(v) to bfloat16 before it subtracts 1, up to 3 roundings off near 0.)
+    v64 = (tf.cast(x, tf.float64) + tf.cast(bias, tf.float64)).numpy()
+    once = tf.cast(tf.cast(np.where(v64 > 0, v64, np.expm1(v64)), tf.bfloat16), tf.float32).numpy()
+    np.testing.assert_allclose(y, once, rtol=2 ** -8, atol=0)
+    assert np.mean(y == once) > 0.99
+  # The input gradient is the activation's at these outputs, as TensorFlow's ReluGrad / EluGrad compute it.
+  y64, dy64 = y.astype(np.float64), tf.cast(dy, tf.float64).numpy()
+  expected = np.where(y64 > 0, dy64, 0.0) if name == 'relu' else np.where(y64 < 0, (y64 + 1) * dy64, dy64)
+  np.testing.assert_allclose(tf.cast(dx, tf.float64).numpy(), expected, rtol=2 ** -7 if name == 'elu' else 0, atol=0)
+  truth = tf.reduce_sum(tf.cast(dx, tf.float64), [0, 1, 2]).numpy()
+  np.testing.assert_allclose(tf.cast(dbias, tf.float64).numpy(), truth, rtol=2 ** -8)
+  ops, xla = _graph_ops(lambda x, b, dy: _grads(lambda x, b: models.bias_act(x, b, act), x, dy, b), x, bias, dy)
+  assert xla and 'BiasAdd' not in ops and name.capitalize() not in ops, ops
+  # float32: TensorFlow's ops and gradients.
+  x32, b32, dy32 = (tf.cast(t, tf.float32) for t in (x, bias, dy))
+  got = _grads(lambda x, b: models.bias_act(x, b, act), x32, dy32, b32)
+  reference = _grads(lambda x, b: getattr(tf.nn, name)(tf.nn.bias_add(x, b)), x32, dy32, b32)
+  for a, b in zip(got, reference):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
+  ops, xla = _graph_ops(lambda x, b: models.bias_act(x, b, act), x32, b32)
+  assert not xla and 'BiasAdd' in ops
 
 
 # ConvEncoder ---------------------------------------------------------------------------------------------------------
