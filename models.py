@@ -26,6 +26,13 @@ def _xla(fn):
 _relu_grad = _xla(lambda dy, y: tf.where(y > 0, dy, tf.zeros_like(dy)))
 _elu_grad = _xla(lambda dy, y: tf.where(y < 0, (y + 1) * dy, dy))
 _BF16_GRADS = {'relu': (tf.nn.relu, _relu_grad), 'elu': (tf.nn.elu, _elu_grad)}
+# XLA compiles each program once per shape, about 60 ms each, in the first train step: only tensors this large
+# take the XLA path (the paper's imagination, heads, encoder and decoder; not the RSSM's per-step [B, 200]).
+XLA_MIN_ELEMENTS = 2 ** 18
+
+
+def _xla_pays(x):
+  return x.dtype == tf.bfloat16 and x.shape.is_fully_defined() and x.shape.num_elements() >= XLA_MIN_ELEMENTS
 
 
 def _with_bfloat16_grad(name):
@@ -40,7 +47,7 @@ def _with_bfloat16_grad(name):
     return y, lambda dy: grad(dy, y)
 
   def act(x):
-    return fast(x) if x.dtype == tf.bfloat16 else forward(x)
+    return fast(x) if _xla_pays(x) else forward(x)
   act.__name__ = name
   return act
 
@@ -57,7 +64,7 @@ def bias_act(x, bias, activation):
   is the activation's XLA program and the bias gradient its float32 sum, as bias_add sums it. Else bias_add, then
   the activation."""
   name = getattr(activation, '__name__', None)
-  if x.dtype != tf.bfloat16 or name not in _BF16_GRADS:
+  if not _xla_pays(x) or name not in _BF16_GRADS:
     x = bias_add(x, bias)
     return activation(x) if activation is not None else x
   return _bias_act_bfloat16(name)(x, tf.cast(bias, x.dtype))

@@ -97,12 +97,12 @@ def _grads(fn, x, dy, *more):
 
 @pytest.mark.parametrize('name', ['relu', 'elu'])
 def test_relu_and_elu_are_tensorflows_and_in_bfloat16_take_their_gradient_from_xla(name):
-  """In float32 the activation is TensorFlow's op with its own gradient. In bfloat16 the forward pass is still
-  TensorFlow's op (oneDNN fuses it with the layer's matmul or convolution) and the gradient is an XLA program of
+  """In float32 the activation is TensorFlow's op with its own gradient. In bfloat16 (on tensors of at least
+  XLA_MIN_ELEMENTS) the forward pass is still TensorFlow's op (oneDNN fuses it with the layer's matmul or convolution) and the gradient is an XLA program of
   the same formula: equal to TensorFlow's ReluGrad, and to its EluGrad within one rounding of bfloat16."""
   act, reference = models.get_act(name), getattr(tf.nn, name)
   rng = np.random.default_rng(3)
-  values = np.concatenate([rng.normal(size=4000) * 3, [0.0, -0.0, 1e-3, -1e-3, -20.0, 20.0]])
+  values = np.concatenate([rng.normal(size=models.XLA_MIN_ELEMENTS) * 3, [0.0, -0.0, 1e-3, -1e-3, -20.0, 20.0]])
   for dtype in (tf.float32, tf.bfloat16):
     x = tf.constant(values, dtype)
     dy = tf.constant(rng.normal(size=values.shape), dtype)
@@ -116,6 +116,10 @@ def test_relu_and_elu_are_tensorflows_and_in_bfloat16_take_their_gradient_from_x
       np.testing.assert_array_equal(grad[values > 0], truth[values > 0])
     ops, xla = _graph_ops(lambda x, dy: _grads(act, x, dy)[1], x, dy)
     assert (name.capitalize() + 'Grad' in ops) == (dtype == tf.float32) and xla == (dtype == tf.bfloat16), ops
+  # Below XLA_MIN_ELEMENTS (where one compile per shape costs more than it saves) TensorFlow's gradient.
+  small = tf.zeros([models.XLA_MIN_ELEMENTS // 2], tf.bfloat16)
+  ops, xla = _graph_ops(lambda x, dy: _grads(act, x, dy)[1], small, small)
+  assert name.capitalize() + 'Grad' in ops and not xla
 
 
 @pytest.mark.parametrize('name', ['relu', 'elu'])
@@ -126,7 +130,7 @@ def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activatio
   result); in float32 TensorFlow's own ops."""
   act = models.get_act(name)
   rng = np.random.default_rng(4)
-  x = tf.constant(rng.normal(size=(40, 5, 5, 16)) * 2, tf.bfloat16)
+  x = tf.constant(rng.normal(size=(660, 5, 5, 16)) * 2, tf.bfloat16)  # Above models.XLA_MIN_ELEMENTS.
   bias = tf.constant(rng.normal(size=16), tf.bfloat16)
   dy = tf.constant(rng.normal(size=x.shape) + 1.0, tf.bfloat16)  # Mean 1: bias sums grow with the batch.
   y, dx, dbias = _grads(lambda x, b: models.bias_act(x, b, act), x, dy, bias)
@@ -154,6 +158,8 @@ def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activatio
   for a, b in zip(got, reference):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
   ops, xla = _graph_ops(lambda x, b: models.bias_act(x, b, act), x32, b32)
+  assert not xla and 'BiasAdd' in ops
+  ops, xla = _graph_ops(lambda x, b: models.bias_act(x, b, act), x[:10], bias)  # Small: TensorFlow's ops.
   assert not xla and 'BiasAdd' in ops
 
 
