@@ -102,8 +102,9 @@ def binning(xs, ys, width):
 
 # scores/dreamer.json's values are bins of 1e5 steps over one test episode every 1e4 (from 5,000): after the first,
 # each is the mean of the ten episodes in (x - 1e5, x], not the return at x. Their rounding shows it: 92% of the
-# first values are multiples of 1/256 (one rounded return), 99% of the later ones multiples of 1/1280 and only 21%
-# of 1/128 (means of ten). A run is set beside them binned the same way (docs/reproduction.md).
+# first values (one return each) are multiples of 1/256, but of the values at 1.05e5 and 2.05e5 steps only 23%,
+# while 87% are multiples of 1/1280 (means of several such returns; later values are too large to tell). A run is
+# set beside them binned the same way (docs/reproduction.md).
 PAPER_WIDTH = 1e5
 
 
@@ -138,14 +139,18 @@ def paper_at(paper_runs, step):
 
 
 def table(runs, paper_runs, width):
-  """Rows of dicts: one per task and method, with the paper's return at the same step and at its end."""
+  """Rows of dicts: one per task and method, with the paper's return at the same step and at its end. A method's
+  seeds are those whose last bin reaches its furthest one (`step`): an unfinished run does not pull the mean down
+  (runs.md lists every run at its own step)."""
   rows = []
   groups = collections.defaultdict(list)
   for run in runs:
     groups[(run.task, run.method)].append(run)
   for (task, method), group in sorted(groups.items()):
     paper = [r for r in paper_runs if r.task == task]
-    step = max(binning(run.xs, run.ys, width)[0][-1] for run in group)  # The last bins' label.
+    last = [binning(run.xs, run.ys, width)[0][-1] for run in group]  # The last bins' labels.
+    step = max(last)
+    group = [run for run, label in zip(group, last) if label == step]
     evals = [run.eval['mean'] for run in group if run.eval]
     rows.append(dict(
         task=task, method=method, seeds=len(group), step=int(step),
@@ -369,9 +374,11 @@ def interval(per_task, name, resamples=2000, confidence=0.95, seed=0):
   from scipy import stats
   samples = [np.asarray(v, np.float64) for _, v in sorted(per_task.items())]
   point = statistic(name, np.concatenate(samples))
-  if all(len(np.unique(v)) == 1 for v in samples):  # Nothing to resample: the interval is the point.
+  # A task with one run draws that run in every resample (scipy resamples only samples of two or more).
+  drawn, fixed = [v for v in samples if len(v) > 1], tuple(v for v in samples if len(v) == 1)
+  if all(len(np.unique(v)) == 1 for v in drawn):  # Nothing to resample: the interval is the point.
     return point, point, point
-  result = stats.bootstrap(samples, lambda *parts: statistic(name, np.concatenate(parts)), n_resamples=resamples,
+  result = stats.bootstrap(drawn, lambda *parts: statistic(name, np.concatenate(parts + fixed)), n_resamples=resamples,
                            confidence_level=confidence, method='percentile', paired=False, vectorized=False,
                            random_state=np.random.default_rng(seed))
   return point, float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -381,15 +388,19 @@ def aggregate_rows(runs, paper_runs, width):
   """Rows {method, runs, tasks, step, IQM, IQM_low, IQM_high, ...}: every method's normalized scores over all its
   runs (a run's score: its last bin, of PAPER_WIDTH steps when the paper's seeds are beside them so that both are
   binned alike, else of `width`), and the paper's seeds at their recorded step nearest the runs' on the same
-  tasks, with 95% stratified bootstrap intervals."""
+  tasks, with 95% stratified bootstrap intervals. The scores are taken at one step, the furthest any run's last bin
+  reaches: runs short of it (unfinished ones) are left out, and returned as [(run, its last bin's step)]."""
   width = PAPER_WIDTH if paper_runs else width
+  binned = [(run, *binning(run.xs, run.ys, width)) for run in runs]
+  step = max(labels[-1] for _, labels, _ in binned)
   groups = collections.defaultdict(dict)
-  steps = []
-  for run in runs:
-    labels, means = binning(run.xs, run.ys, width)
+  short = []
+  for run, labels, means in binned:
+    if labels[-1] < step:
+      short.append((run, int(labels[-1])))
+      continue
     groups[run.method].setdefault(run.task, []).append(normalized(run.task, float(means[-1])))
-    steps.append(labels[-1])
-  step = max(steps)
+  runs = [run for run, labels, _ in binned if labels[-1] == step]
   tasks = sorted({run.task for run in runs})
   paper = {t: [normalized(t, v) for v in vs] for t, vs in paper_scores(paper_runs, tasks, step).items()}
   if paper:
@@ -400,7 +411,7 @@ def aggregate_rows(runs, paper_runs, width):
     for name in STATISTICS:
       row[name], row[f'{name}_low'], row[f'{name}_high'] = interval(per_task, name)
     rows.append(row)
-  return rows
+  return rows, short
 
 
 AGGREGATE_COLUMNS = ('method', 'runs', 'tasks', 'step') + tuple(
@@ -488,9 +499,11 @@ def main(argv=None):
       parser.error(f"--hline {line}: expected TASK:LABEL=VALUE, e.g. 'dmc_cheetah_run:random policy=5.2'")
   args.outdir.mkdir(parents=True, exist_ok=True)
   if args.figure == 'aggregate':
-    rows = aggregate_rows(runs, paper_runs, args.bins)
+    rows, short = aggregate_rows(runs, paper_runs, args.bins)
     plot_aggregate(rows, args.outdir)
     print((args.outdir / 'aggregate.md').read_text())
+    for run, step in short:
+      print(f'Left out (short of step {rows[0]["step"]}): {run.task}/{run.method}/{run.seed}, its last bin at {step}.')
     print(f'Wrote {args.outdir / "aggregate.png"}, aggregate.pdf, aggregate.md and aggregate.csv.')
     return 0
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)

@@ -37,6 +37,7 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   write_run(indir, 'dmc_walker_walk', 'port', 0, list(zip(grid, [10, 20, 30, 40, 50])), 44.0)  # No step: no point.
   write_run(indir, 'dmc_walker_walk', 'port', 1, list(zip(grid + [240000], [0, 10, 60, 70, 80, 999])), junk=True)
   write_run(indir, 'dmc_cheetah_run', 'port', 0, [(5000, 1), (105000, 100)])
+  write_run(indir, 'dmc_cheetah_run', 'port', 1, [(5000, 7), (25000, 3)])  # Unfinished: not in the final mean.
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
   assert 'not JSON' in capsys.readouterr().err
   for name in ('curves.png', 'curves.pdf'):
@@ -53,7 +54,7 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   assert abs(float(walker['paper_same_step']) - walker_at(205000)) < 0.05
   assert abs(float(walker['paper_final']) - walker_final) < 0.05
   cheetah = rows['dmc_cheetah_run']
-  assert float(cheetah['final']) == 100.0 and cheetah['eval'] == ''
+  assert float(cheetah['final']) == 100.0 and cheetah['eval'] == '' and cheetah['seeds'] == '1'
   assert abs(float(cheetah['paper_same_step']) - cheetah_at(105000)) < 0.05
   average = rows['average']
   assert abs(float(average['final']) - (60.0 + 100.0) / 2) < 0.05
@@ -153,6 +154,12 @@ def test_aggregate_intervals_are_stratified_bootstraps_of_the_iqm(tmp_path):
   unstratified = stratified_bootstrap({'all': pooled}, iqm, 4000, np.random.RandomState(1))
   assert unstratified[1] - unstratified[0] > 1.5 * (high - low), (unstratified, low, high)
   assert plotting.interval({'dmc_a': [0.5], 'dmc_b': [0.25]}, 'mean') == (0.375, 0.375, 0.375)  # Nothing to draw.
+  # A task with one run (the others' unfinished) takes part in every resample as that run.
+  per_task = {'dmc_a': [0.9], 'dmc_b': 0.1 + 0.1 * rng.rand(4)}
+  point, low, high = plotting.interval(per_task, 'mean', resamples=4000)
+  expected = stratified_bootstrap(per_task, np.mean, 4000, np.random.RandomState(1))
+  assert point == pytest.approx(np.mean(np.concatenate([[0.9], per_task['dmc_b']])), abs=1e-12)
+  np.testing.assert_allclose([low, high], expected, atol=0.01)
 
 
 def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
@@ -161,6 +168,7 @@ def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
     # The evaluation at 105,000 is the last point of the bin (5000, 105000]: (40 + final) / 2.
     write_run(indir, 'dmc_walker_walk', 'port', seed, [(5000, 10), (95000, 40)], final, eval_step=105000)
     write_run(indir, 'dmc_cheetah_run', 'port', seed, [(5000, 1), (105000, 100 + 100 * seed)])
+  write_run(indir, 'dmc_cheetah_run', 'port', 2, [(5000, 900), (45000, 900)])  # Unfinished: left out.
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--figure', 'aggregate']) == 0
   assert (outdir / 'aggregate.png').stat().st_size > 10000 and (outdir / 'aggregate.pdf').exists()
   rows = {row['method']: row for row in csv.DictReader((outdir / 'aggregate.csv').open())}
@@ -175,7 +183,9 @@ def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
   at = [r['ys'][r['xs'].index(105000.0)] / 1000 for r in scores if r['task'] in ('dmc_walker_walk', 'dmc_cheetah_run')]
   assert rows[plotting.PAPER]['runs'] == '10'
   assert float(rows[plotting.PAPER]['mean']) == pytest.approx(np.mean(at), abs=1e-3)
-  assert '| port | 4 | 2 | 105000 |' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert '| port | 4 | 2 | 105000 |' in out
+  assert 'Left out (short of step 105000): dmc_cheetah_run/port/2, its last bin at 5000.' in out, out
 
 
 def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_machines(tmp_path, capsys):
