@@ -47,6 +47,7 @@ def _with_bfloat16_grad(name):
     return y, lambda dy: grad(dy, y)
 
   def act(x):
+    x = tf.convert_to_tensor(x)
     return fast(x) if _xla_pays(x) else forward(x)
   act.__name__ = name
   return act
@@ -63,11 +64,16 @@ def bias_act(x, bias, activation):
   are bias_add's and tf.nn.relu's, elu's may differ from theirs by bfloat16's rounding of x + bias. The gradient
   is the activation's XLA program and the bias gradient its float32 sum, as bias_add sums it. Else bias_add, then
   the activation."""
-  name = getattr(activation, '__name__', None)
-  if not _xla_pays(x) or name not in _BF16_GRADS:
+  if not _bias_act_fuses(x, activation):
     x = bias_add(x, bias)
     return activation(x) if activation is not None else x
-  return _bias_act_bfloat16(name)(x, tf.cast(bias, x.dtype))
+  return _bias_act_bfloat16(activation.__name__)(x, tf.cast(bias, x.dtype))
+
+
+def _bias_act_fuses(x, activation):
+  """Whether bias_act computes x + bias and the activation as one XLA program: this module's relu or elu (not any
+  function of that name) on a large enough bfloat16 tensor."""
+  return any(activation is ACTS[name] for name in _BF16_GRADS) and _xla_pays(x)
 
 
 @functools.cache
@@ -346,6 +352,12 @@ class GRUCell(keras.layers.GRUCell):
   def call(self, inputs, states, training=False):
     h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
     input_bias, recurrent_bias = tf.unstack(self.bias)
+    if _xla_pays(h_tm1) and (self.activation.__name__, self.recurrent_activation.__name__) == ('tanh', 'sigmoid'):
+      # Plain matmuls (oneDNN's AMX kernel; with the bias fused they run its slower inner product) and the gates'
+      # element-wise arithmetic as one XLA program, forward and backward (docs/speed.md, session 13).
+      h = _gru_gates(tf.matmul(inputs, self.kernel), tf.matmul(h_tm1, self.recurrent_kernel), input_bias,
+                     recurrent_bias, h_tm1)
+      return h, [h]
     x_z, x_r, x_h = tf.split(tf.matmul(inputs, self.kernel) + input_bias, 3, -1)
     h_z, h_r, h_h = tf.split(tf.matmul(h_tm1, self.recurrent_kernel) + recurrent_bias, 3, -1)
     z = self.recurrent_activation(x_z + h_z)
@@ -353,6 +365,39 @@ class GRUCell(keras.layers.GRUCell):
     hh = self.activation(x_h + r * h_h)
     h = z * h_tm1 + (1 - z) * hh
     return h, [h]
+
+
+def _gru_gates_float32(mx, mh, input_bias, recurrent_bias, h_tm1):
+  """GRUCell's gates from its two matmuls mx = inputs @ kernel and mh = h_tm1 @ recurrent_kernel [B, 3 * units]:
+  the new state, computed in float32 and rounded once to h_tm1's dtype."""
+  f = lambda t: tf.cast(t, tf.float32)
+  x_z, x_r, x_h = tf.split(f(mx) + f(input_bias), 3, -1)
+  h_z, h_r, h_h = tf.split(f(mh) + f(recurrent_bias), 3, -1)
+  z = tf.sigmoid(x_z + h_z)
+  r = tf.sigmoid(x_r + h_r)
+  hh = tf.tanh(x_h + r * h_h)
+  return tf.cast(z * f(h_tm1) + (1 - z) * hh, h_tm1.dtype)
+
+
+_gru_forward = _xla(_gru_gates_float32)
+
+
+@_xla
+def _gru_backward(mx, mh, input_bias, recurrent_bias, h_tm1, dh):
+  with tf.GradientTape() as tape:  # The forward recomputed inside the program: nothing is kept between the two.
+    tape.watch([mx, mh, h_tm1])
+    h = _gru_gates_float32(mx, mh, input_bias, recurrent_bias, h_tm1)
+  return tape.gradient(h, [mx, mh, h_tm1], output_gradients=dh)
+
+
+@tf.custom_gradient
+def _gru_gates(mx, mh, input_bias, recurrent_bias, h_tm1):
+  """_gru_gates_float32 as XLA programs; the biases' gradients are TensorFlow's Sums (float32 accumulation) of the
+  matmul outputs' gradients, as for a broadcast add."""
+  def grad(dh):
+    dmx, dmh, dh_tm1 = _gru_backward(mx, mh, input_bias, recurrent_bias, h_tm1, dh)
+    return dmx, dmh, tf.reduce_sum(dmx, 0), tf.reduce_sum(dmh, 0), dh_tm1
+  return _gru_forward(mx, mh, input_bias, recurrent_bias, h_tm1), grad
 
 
 # The encoder's lanes split the train step's batch (hundreds of images); the policy's few images stay whole.
@@ -422,7 +467,11 @@ class ConvDecoder(_Composite):
     kh, kw, out, inp = layer.kernel.shape
     kernel = tf.cast(layer.kernel, x.dtype)  # [kh, kw, out, in]
     kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [inp, kh * kw * out])
-    return bias_act(tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out]), layer.bias, layer.activation)
+    x = tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out])
+    if _bias_act_fuses(x, layer.activation):
+      return bias_act(x, layer.bias, layer.activation)
+    # A broadcast add: its gradient is a Sum, which sums in float (unlike BiasAddGrad, see bias_add).
+    return layer.activation(x + tf.cast(layer.bias, x.dtype))
 
 
 class _MLP(_Composite):

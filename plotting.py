@@ -123,6 +123,12 @@ def curve(runs, width, band='minmax'):
   return xs, mean, np.array([v.min() for v in values]), np.array([v.max() for v in values])
 
 
+def reaches(label, step, width):
+  """Whether a run's last bin (at `label`) counts as one at `step`: within a tenth of a bin (runs whose first test
+  came a few steps later have their bins a few steps later)."""
+  return label >= step - 0.1 * width
+
+
 def final_return(run, width):
   """The run's value in its last bin."""
   return binning(run.xs, run.ys, width)[1][-1]
@@ -139,22 +145,24 @@ def paper_at(paper_runs, step):
 
 
 def table(runs, paper_runs, width):
-  """Rows of dicts: one per task and method, with the paper's return at the same step and at its end. A method's
-  seeds are those whose last bin reaches its furthest one (`step`): an unfinished run does not pull the mean down
-  (runs.md lists every run at its own step)."""
+  """Rows of dicts: one per task and method: `final`, the mean of its seeds' last bins (of PAPER_WIDTH steps on a
+  task the paper has, binned as its values were; else of `width`), the paper's return at the same step and at its
+  end. A method's seeds are those whose last bin reaches its furthest one (`step`): an unfinished run does not
+  pull the mean down (runs.md lists every run at its own step)."""
   rows = []
   groups = collections.defaultdict(list)
   for run in runs:
     groups[(run.task, run.method)].append(run)
   for (task, method), group in sorted(groups.items()):
     paper = [r for r in paper_runs if r.task == task]
-    last = [binning(run.xs, run.ys, width)[0][-1] for run in group]  # The last bins' labels.
+    bins = PAPER_WIDTH if paper else width  # Beside the paper's values, binned as they were.
+    last = [binning(run.xs, run.ys, bins)[0][-1] for run in group]  # The last bins' labels.
     step = max(last)
-    group = [run for run, label in zip(group, last) if label == step]
+    group = [run for run, label in zip(group, last) if reaches(label, step, bins)]
     evals = [run.eval['mean'] for run in group if run.eval]
     rows.append(dict(
         task=task, method=method, seeds=len(group), step=int(step),
-        final=float(np.mean([final_return(run, width) for run in group])),
+        final=float(np.mean([final_return(run, bins) for run in group])),
         eval=float(np.mean(evals)) if evals else None,
         paper_same_step=paper_at(paper, step) if paper else None,
         paper_final=float(np.mean([r.ys[-1] for r in paper])) if paper else None))
@@ -385,22 +393,23 @@ def interval(per_task, name, resamples=2000, confidence=0.95, seed=0):
 
 
 def aggregate_rows(runs, paper_runs, width):
-  """Rows {method, runs, tasks, step, IQM, IQM_low, IQM_high, ...}: every method's normalized scores over all its
-  runs (a run's score: its last bin, of PAPER_WIDTH steps when the paper's seeds are beside them so that both are
+  """Rows {method, runs, tasks, step, IQM, IQM_low, IQM_high, ...}: every method's normalized scores over its runs
+  (a run's score: its last bin, of PAPER_WIDTH steps when the paper's seeds are beside them so that both are
   binned alike, else of `width`), and the paper's seeds at their recorded step nearest the runs' on the same
   tasks, with 95% stratified bootstrap intervals. The scores are taken at one step, the furthest any run's last bin
-  reaches: runs short of it (unfinished ones) are left out, and returned as [(run, its last bin's step)]."""
+  reaches: runs short of it (unfinished ones, or a method's that stopped earlier) are left out and returned as
+  [(run, its last bin's step)]. The statistics pool the runs, so a task with more runs weighs more."""
   width = PAPER_WIDTH if paper_runs else width
   binned = [(run, *binning(run.xs, run.ys, width)) for run in runs]
   step = max(labels[-1] for _, labels, _ in binned)
   groups = collections.defaultdict(dict)
   short = []
   for run, labels, means in binned:
-    if labels[-1] < step:
+    if not reaches(labels[-1], step, width):
       short.append((run, int(labels[-1])))
       continue
     groups[run.method].setdefault(run.task, []).append(normalized(run.task, float(means[-1])))
-  runs = [run for run, labels, _ in binned if labels[-1] == step]
+  runs = [run for run, labels, _ in binned if reaches(labels[-1], step, width)]
   tasks = sorted({run.task for run in runs})
   paper = {t: [normalized(t, v) for v in vs] for t, vs in paper_scores(paper_runs, tasks, step).items()}
   if paper:
@@ -412,6 +421,17 @@ def aggregate_rows(runs, paper_runs, width):
       row[name], row[f'{name}_low'], row[f'{name}_high'] = interval(per_task, name)
     rows.append(row)
   return rows, short
+
+
+def uneven_tasks(runs, short):
+  """[(method, 'task: n, ...')] for the methods whose aggregated runs are not as many on every task."""
+  left_out = {id(run) for run, _ in short}
+  counts = collections.defaultdict(collections.Counter)
+  for run in runs:
+    if id(run) not in left_out:
+      counts[run.method][run.task] += 1
+  return [(method, ', '.join(f'{task}: {n}' for task, n in sorted(c.items())))
+          for method, c in sorted(counts.items()) if len(set(c.values())) > 1]
 
 
 AGGREGATE_COLUMNS = ('method', 'runs', 'tasks', 'step') + tuple(
@@ -504,6 +524,8 @@ def main(argv=None):
     print((args.outdir / 'aggregate.md').read_text())
     for run, step in short:
       print(f'Left out (short of step {rows[0]["step"]}): {run.task}/{run.method}/{run.seed}, its last bin at {step}.')
+    for method, counts in uneven_tasks(runs, short):
+      print(f'Note: {method} has {counts} runs: its pooled statistics weigh the tasks unequally.')
     print(f'Wrote {args.outdir / "aggregate.png"}, aggregate.pdf, aggregate.md and aggregate.csv.')
     return 0
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)

@@ -186,6 +186,12 @@ def test_aggregate_figure_from_runs_and_the_paper(tmp_path, capsys):
   out = capsys.readouterr().out
   assert '| port | 4 | 2 | 105000 |' in out
   assert 'Left out (short of step 105000): dmc_cheetah_run/port/2, its last bin at 5000.' in out, out
+  assert 'Note' not in out  # Two runs on each task.
+  write_run(indir, 'dmc_walker_walk', 'port', 3, [(7000, 10), (107000, 400)])  # Bins 2,000 steps later: counts.
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir), '--figure', 'aggregate']) == 0
+  rows = {row['method']: row for row in csv.DictReader((outdir / 'aggregate.csv').open())}
+  assert rows['port']['runs'] == '5'
+  assert 'Note: port has dmc_cheetah_run: 2, dmc_walker_walk: 3 runs' in capsys.readouterr().out
 
 
 def test_times_table_gives_each_campaign_run_its_hours_net_of_pauses_and_its_machines(tmp_path, capsys):
@@ -232,4 +238,7 @@ def test_runs_table_bins_each_run_like_the_papers_values_and_sets_it_beside_thei
     label = 'inside' if min(paper) <= score <= max(paper) else ('above' if score > max(paper) else 'below')
     assert row['against_paper'] == label, row
   assert [rows[(t, s)]['against_paper'] for t, s, *_ in expected] == ['above', 'inside', 'below']
+  # returns.md sets the same bins beside the paper, whatever --bins draws: the seeds' mean of their last bins.
+  returns = {r['task']: r for r in csv.DictReader((outdir / 'returns.csv').open())}
+  assert float(returns['dmc_walker_walk']['final']) == pytest.approx(((60 + 115 + 700) / 3 + 100) / 2, abs=0.05)
   assert (outdir / 'runs.md').exists()
