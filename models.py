@@ -26,8 +26,8 @@ def _xla(fn):
 _relu_grad = _xla(lambda dy, y: tf.where(y > 0, dy, tf.zeros_like(dy)))
 _elu_grad = _xla(lambda dy, y: tf.where(y < 0, (y + 1) * dy, dy))
 _BF16_GRADS = {'relu': (tf.nn.relu, _relu_grad), 'elu': (tf.nn.elu, _elu_grad)}
-# XLA compiles each program once per shape, about 60 ms each, in the first train step: only tensors this large
-# take the XLA path (the paper's imagination, heads, encoder and decoder; not the RSSM's per-step [B, 200]).
+# XLA compiles each program once per shape, 25-90 ms each, in the first train step: only tensors this large take
+# the XLA activations (the paper's imagination, heads, encoder and decoder; not the RSSM's per-step [B, 200]).
 XLA_MIN_ELEMENTS = 2 ** 18
 
 
@@ -352,9 +352,11 @@ class GRUCell(keras.layers.GRUCell):
   def call(self, inputs, states, training=False):
     h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
     input_bias, recurrent_bias = tf.unstack(self.bias)
-    if _xla_pays(h_tm1) and (self.activation.__name__, self.recurrent_activation.__name__) == ('tanh', 'sigmoid'):
+    if (h_tm1.dtype == tf.bfloat16 and h_tm1.shape.is_fully_defined()
+        and (self.activation.__name__, self.recurrent_activation.__name__) == ('tanh', 'sigmoid')):
       # Plain matmuls (oneDNN's AMX kernel; with the bias fused they run its slower inner product) and the gates'
-      # element-wise arithmetic as one XLA program, forward and backward (docs/speed.md, session 13).
+      # element-wise arithmetic as one XLA program, forward and backward (docs/speed.md, session 13). At any batch
+      # size: in the 50-step observe loop its ~40 small ops per step cost more than the two compiles.
       h = _gru_gates(tf.matmul(inputs, self.kernel), tf.matmul(h_tm1, self.recurrent_kernel), input_bias,
                      recurrent_bias, h_tm1)
       return h, [h]

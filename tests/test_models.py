@@ -169,10 +169,9 @@ def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activatio
 
 
 def test_gru_cell_in_bfloat16_computes_its_gates_in_one_xla_program_as_kerass_formula():
-  """Above XLA_MIN_ELEMENTS in bfloat16 the GRU's gates are one XLA program (forward and backward) from two plain
-  matmuls: its output and gradients are Keras's reset_after GRU formula's, computed in float64 from the same
-  bfloat16 inputs and weights, within bfloat16 rounding (the float32 arithmetic rounded once). Smaller or float32:
-  the TensorFlow ops as before."""
+  """In bfloat16 the GRU's gates are one XLA program (forward and backward) from two plain matmuls, at any batch
+  size: its output and gradients are Keras's reset_after GRU formula's, computed in float64 from the same bfloat16
+  inputs and weights, within bfloat16 rounding (the float32 arithmetic rounded once). float32: TensorFlow's ops."""
   rng = np.random.default_rng(5)
   batch, units = models.XLA_MIN_ELEMENTS // 100 + 7, 100
   cell = models.GRUCell(units, dtype='mixed_bfloat16')
@@ -205,9 +204,14 @@ def test_gru_cell_in_bfloat16_computes_its_gates_in_one_xla_program_as_kerass_fo
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9999, name
   ops, xla = _graph_ops(lambda x, h: run(lambda x, h: cell(x, [h])[0], x, h), x, h)
   assert xla and not ops & {'Sigmoid', 'Tanh', 'SigmoidGrad', 'TanhGrad'}, ops
-  for small in (tf.cast(x[:50], tf.float32), x[:50]):  # float32, and a small bfloat16 batch.
-    ops, xla = _graph_ops(lambda x, h: run(lambda x, h: cell(x, [h])[0], x, h), small, tf.cast(h[:50], small.dtype))
-    assert not xla and {'Sigmoid', 'Tanh', 'SigmoidGrad', 'TanhGrad'} <= ops, ops
+  cell32 = models.GRUCell(units, dtype='float32')
+  for layer, dtype in ((cell, tf.bfloat16), (cell32, tf.float32)):  # A small batch, as in the RSSM's observe loop.
+    ops, xla = _graph_ops(lambda x, h: layer(x, [h])[0], tf.cast(x[:16], dtype), tf.cast(h[:16], dtype))
+    fused = dtype == tf.bfloat16
+    assert xla == fused and ({'Sigmoid', 'Tanh'} <= ops) != fused, ops
+  small = run(lambda x, h: cell(x, [h])[0], x[:16], h[:16])
+  for a, b in zip(small, run(formula, tf.cast(x[:16], tf.float64), tf.cast(h[:16], tf.float64))):
+    assert np.abs(tf.cast(a, tf.float64).numpy() - b.numpy()).max() < 2 ** -6 * np.abs(b.numpy()).max()
 
 
 # ConvEncoder ---------------------------------------------------------------------------------------------------------
