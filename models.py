@@ -353,7 +353,7 @@ class GRUCell(keras.layers.GRUCell):
     h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
     input_bias, recurrent_bias = tf.unstack(self.bias)
     if (h_tm1.dtype == tf.bfloat16 and h_tm1.shape.is_fully_defined()
-        and (self.activation.__name__, self.recurrent_activation.__name__) == ('tanh', 'sigmoid')):
+        and self.activation is keras.activations.tanh and self.recurrent_activation is keras.activations.sigmoid):
       # Plain matmuls (oneDNN's AMX kernel; with the bias fused they run its slower inner product) and the gates'
       # element-wise arithmetic as one XLA program, forward and backward (docs/speed.md, session 13). At any batch
       # size: in the 50-step observe loop its ~40 small ops per step cost more than the two compiles.
@@ -472,7 +472,9 @@ class ConvDecoder(_Composite):
     x = tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out])
     if _bias_act_fuses(x, layer.activation):
       return bias_act(x, layer.bias, layer.activation)
-    # A broadcast add: its gradient is a Sum, which sums in float (unlike BiasAddGrad, see bias_add).
+    if x.dtype == tf.float16:  # TensorFlow's Sum adds float16 in float16; bias_add sums the gradient in float32.
+      return layer.activation(bias_add(x, layer.bias))
+    # A broadcast add: its gradient is a Sum, which sums float32 and bfloat16 in float32 (see bias_add).
     return layer.activation(x + tf.cast(layer.bias, x.dtype))
 
 

@@ -81,10 +81,10 @@ def test_get_act_names_and_unknown():
 
 
 def _graph_ops(fn, *args):
-  """The op types of fn's graph on these arguments (not those inside the functions it calls), and whether it
-  calls a function that XLA compiles."""
+  """The op types of fn's graph on these arguments (not those inside the functions it calls), and how many of the
+  functions it calls XLA compiles."""
   graph = tf.function(fn, autograph=False).get_concrete_function(*args).graph
-  xla = any(f.definition.attr['_XlaMustCompile'].b for f in graph._functions.values())
+  xla = sum(f.definition.attr['_XlaMustCompile'].b for f in graph._functions.values())
   return {op.type for op in graph.get_operations()}, xla
 
 
@@ -115,7 +115,7 @@ def test_relu_and_elu_are_tensorflows_and_in_bfloat16_take_their_gradient_from_x
       np.testing.assert_allclose(grad, truth, rtol=2 ** -7, atol=0)
       np.testing.assert_array_equal(grad[values > 0], truth[values > 0])
     ops, xla = _graph_ops(lambda x, dy: _grads(act, x, dy)[1], x, dy)
-    assert (name.capitalize() + 'Grad' in ops) == (dtype == tf.float32) and xla == (dtype == tf.bfloat16), ops
+    assert (name.capitalize() + 'Grad' in ops) == (dtype == tf.float32) and xla == (dtype == tf.bfloat16), ops  # 1.
   # Below XLA_MIN_ELEMENTS (where one compile per shape costs more than it saves) TensorFlow's gradient.
   small = tf.zeros([models.XLA_MIN_ELEMENTS // 2], tf.bfloat16)
   ops, xla = _graph_ops(lambda x, dy: _grads(act, x, dy)[1], small, small)
@@ -150,7 +150,7 @@ def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activatio
   truth = tf.reduce_sum(tf.cast(dx, tf.float64), [0, 1, 2]).numpy()
   np.testing.assert_allclose(tf.cast(dbias, tf.float64).numpy(), truth, rtol=2 ** -8)
   ops, xla = _graph_ops(lambda x, b, dy: _grads(lambda x, b: models.bias_act(x, b, act), x, dy, b), x, bias, dy)
-  assert xla and not ops & {'BiasAdd', 'BiasAddGrad', name.capitalize(), name.capitalize() + 'Grad'}, ops
+  assert xla == 2 and not ops & {'BiasAdd', 'BiasAddGrad', name.capitalize(), name.capitalize() + 'Grad'}, ops
   # Another function of the same name is not this module's activation: it runs as given.
   leaky = lambda v: tf.nn.leaky_relu(v, 0.2)
   leaky.__name__ = name
@@ -203,7 +203,7 @@ def test_gru_cell_in_bfloat16_computes_its_gates_in_one_xla_program_as_kerass_fo
     assert np.abs(a - b).max() < 2 ** -6 * scale, (name, np.abs(a - b).max(), scale)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9999, name
   ops, xla = _graph_ops(lambda x, h: run(lambda x, h: cell(x, [h])[0], x, h), x, h)
-  assert xla and not ops & {'Sigmoid', 'Tanh', 'SigmoidGrad', 'TanhGrad'}, ops
+  assert xla == 2 and not ops & {'Sigmoid', 'Tanh', 'SigmoidGrad', 'TanhGrad'}, ops  # Forward and backward.
   cell32 = models.GRUCell(units, dtype='float32')
   for layer, dtype in ((cell, tf.bfloat16), (cell32, tf.float32)):  # A small batch, as in the RSSM's observe loop.
     ops, xla = _graph_ops(lambda x, h: layer(x, [h])[0], tf.cast(x[:16], dtype), tf.cast(h[:16], dtype))
@@ -709,6 +709,20 @@ def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
   grad = tape.gradient(y, layer.bias, output_gradients=dy).numpy()
   truth = tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(y.shape) - 1))).numpy()
   np.testing.assert_allclose(grad, truth, rtol=2 ** -8)
+
+
+def test_the_decoders_first_layer_sums_its_float16_bias_gradient_in_float32():
+  """The decoder's h2 (a matmul and a broadcast bias add) under mixed_float16: TensorFlow's Sum would add the
+  bias gradient's 400 x 5 x 5 terms in float16 (a sum of 10,000 ones comes out 2048); it is the float32 sum."""
+  decoder = models.ConvDecoder(4, dtype='mixed_float16')
+  decoder(tf.zeros((1, 1, FEAT)))  # Builds.
+  x = tf.cast(tf.random.stateless_normal([400, 32 * 4], [0, 1]), tf.float16)
+  with tf.GradientTape() as tape:
+    y = decoder._first_deconv(x)
+  dy = tf.cast(tf.random.stateless_normal(y.shape, [2, 3]) + 1.0, y.dtype)  # Mean 1: the sums grow with the batch.
+  grad = tape.gradient(y, decoder.h2.bias, output_gradients=dy)
+  truth = tf.reduce_sum(tf.cast(dy, tf.float64) * tf.cast(y > 0, tf.float64), [0, 1, 2])
+  np.testing.assert_allclose(grad.numpy(), truth.numpy(), rtol=2 ** -10)
 
 
 def _value_and_grads(fn, x, kernel, dy, *bias):
