@@ -283,6 +283,11 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
         xs, mean, low, high = xs[keep], mean[keep], low[keep], high[keep]
       ax.plot(xs, mean, color=colors[method], label=method, marker='o' if len(xs) < 8 else None, ms=3)
       ax.fill_between(xs, low, high, color=colors[method], alpha=0.2)
+      if method != PAPER and groups[0][1] and width < PAPER_WIDTH:
+        # The same runs binned as the paper's values were: the points to read against the paper's.
+        bx, bmean, blow, bhigh = curve(group, PAPER_WIDTH, band)
+        ax.errorbar(bx, bmean, yerr=[bmean - blow, bhigh - bmean], color=colors[method], ls='none', marker='D',
+                    ms=5, capsize=3, label=f'{method}, binned as the paper')
     for i, (name, score) in enumerate(sorted(baselines.get(task, {}).items())):
       ax.axhline(score, ls='--', lw=1, color=f'C{(i + 5) % 10}', label=name)
     ax.set_title(task)
@@ -296,7 +301,7 @@ def plot(runs, paper_runs, baselines, outdir, width, band, xkey, ykey, cols=4):
   for ax in axes.flat:
     for handle, label in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(label, handle)
-  ncol = min(len(handles), max(3, 2 * axes.shape[1] + 1))
+  ncol = min(len(handles), max(3, 2 * axes.shape[1]))
   fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=ncol, frameon=False)
   fig.tight_layout(rect=(0, 0.06 * int(np.ceil(len(handles) / ncol)) / rows_ + 0.04, 1, 1))
   for suffix in ('png', 'pdf'):
