@@ -5,7 +5,8 @@ run's points (`--xkey`, `--ykey`; an `eval.json`'s mean is the test return at it
 `--bins` steps as the reference's plotting.py bins them (the first point alone, then (x - bins, x] every `bins` steps
 after it); a method's curve is the mean over seeds with a min-max (or standard-deviation) band. The published Dreamer
 curves (`scores/dreamer.json`, bins of 1e5 steps of one test episode every 1e4) are drawn as the method
-`dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines.
+`dreamer (paper)` and the baselines' final scores (`scores/baselines.json`) as horizontal lines; with `--bins` finer
+than the paper's 1e5, each method's runs are also drawn binned as the paper's values (diamonds).
 
   python plotting.py --indir logdir --outdir plots
 
