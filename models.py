@@ -352,33 +352,33 @@ class GRUCell(keras.layers.GRUCell):
   def call(self, inputs, states, training=False):
     h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
     input_bias, recurrent_bias = tf.unstack(self.bias)
+    mx, mh = tf.matmul(inputs, self.kernel), tf.matmul(h_tm1, self.recurrent_kernel)  # [B, 3 * units] each.
     if (h_tm1.dtype == tf.bfloat16 and h_tm1.shape.is_fully_defined()
         and self.activation is keras.activations.tanh and self.recurrent_activation is keras.activations.sigmoid):
       # Plain matmuls (oneDNN's AMX kernel; with the bias fused they run its slower inner product) and the gates'
       # element-wise arithmetic as one XLA program, forward and backward (docs/speed.md, session 13). At any batch
       # size: in the 50-step observe loop its ~40 small ops per step cost more than the two compiles.
-      h = _gru_gates(tf.matmul(inputs, self.kernel), tf.matmul(h_tm1, self.recurrent_kernel), input_bias,
-                     recurrent_bias, h_tm1)
-      return h, [h]
-    x_z, x_r, x_h = tf.split(tf.matmul(inputs, self.kernel) + input_bias, 3, -1)
-    h_z, h_r, h_h = tf.split(tf.matmul(h_tm1, self.recurrent_kernel) + recurrent_bias, 3, -1)
-    z = self.recurrent_activation(x_z + h_z)
-    r = self.recurrent_activation(x_r + h_r)
-    hh = self.activation(x_h + r * h_h)
-    h = z * h_tm1 + (1 - z) * hh
+      h = _gru_gates(mx, mh, input_bias, recurrent_bias, h_tm1)
+    else:  # In the layer's dtype, TensorFlow's ops (grappler fuses each matmul with its bias).
+      h = _gru_state(mx, mh, input_bias, recurrent_bias, h_tm1, self.activation, self.recurrent_activation)
     return h, [h]
 
 
+def _gru_state(mx, mh, input_bias, recurrent_bias, h_tm1, activation=tf.tanh, recurrent_activation=tf.sigmoid):
+  """GRUCell's new state (reset_after) from its two matmuls mx = inputs @ kernel and mh = h_tm1 @
+  recurrent_kernel [B, 3 * units], in their dtype."""
+  x_z, x_r, x_h = tf.split(mx + input_bias, 3, -1)
+  h_z, h_r, h_h = tf.split(mh + recurrent_bias, 3, -1)
+  z = recurrent_activation(x_z + h_z)
+  r = recurrent_activation(x_r + h_r)
+  hh = activation(x_h + r * h_h)
+  return z * h_tm1 + (1 - z) * hh
+
+
 def _gru_gates_float32(mx, mh, input_bias, recurrent_bias, h_tm1):
-  """GRUCell's gates from its two matmuls mx = inputs @ kernel and mh = h_tm1 @ recurrent_kernel [B, 3 * units]:
-  the new state, computed in float32 and rounded once to h_tm1's dtype."""
+  """_gru_state computed in float32 and rounded once to h_tm1's dtype."""
   f = lambda t: tf.cast(t, tf.float32)
-  x_z, x_r, x_h = tf.split(f(mx) + f(input_bias), 3, -1)
-  h_z, h_r, h_h = tf.split(f(mh) + f(recurrent_bias), 3, -1)
-  z = tf.sigmoid(x_z + h_z)
-  r = tf.sigmoid(x_r + h_r)
-  hh = tf.tanh(x_h + r * h_h)
-  return tf.cast(z * f(h_tm1) + (1 - z) * hh, h_tm1.dtype)
+  return tf.cast(_gru_state(f(mx), f(mh), f(input_bias), f(recurrent_bias), f(h_tm1)), h_tm1.dtype)
 
 
 _gru_forward = _xla(_gru_gates_float32)

@@ -404,7 +404,8 @@ def aggregate_rows(runs, paper_runs, width):
   binned alike, else of `width`), and the paper's seeds at their recorded step nearest the runs' on the same
   tasks, with 95% stratified bootstrap intervals. The scores are taken at one step, the furthest any run's last bin
   reaches: runs short of it (unfinished ones, or a method's that stopped earlier) are left out and returned as
-  [(run, its last bin's step)]. The statistics pool the runs, so a task with more runs weighs more."""
+  [(run, its last bin's step)]. The statistics pool the runs, so a task with more runs weighs more: the third
+  value lists the methods whose tasks have unequal runs, [(method, 'task: n, ...')]."""
   width = PAPER_WIDTH if paper_runs else width
   binned = [(run, *binning(run.xs, run.ys, width)) for run in runs]
   step = max(labels[-1] for _, labels, _ in binned)
@@ -415,8 +416,9 @@ def aggregate_rows(runs, paper_runs, width):
       short.append((run, int(labels[-1])))
       continue
     groups[run.method].setdefault(run.task, []).append(normalized(run.task, float(means[-1])))
-  runs = [run for run, labels, _ in binned if reaches(labels[-1], step, width)]
-  tasks = sorted({run.task for run in runs})
+  uneven = [(method, ', '.join(f'{task}: {len(v)}' for task, v in sorted(per_task.items())))
+            for method, per_task in sorted(groups.items()) if len({len(v) for v in per_task.values()}) > 1]
+  tasks = sorted({task for per_task in groups.values() for task in per_task})
   paper = {t: [normalized(t, v) for v in vs] for t, vs in paper_scores(paper_runs, tasks, step).items()}
   if paper:
     groups[PAPER] = paper
@@ -426,18 +428,7 @@ def aggregate_rows(runs, paper_runs, width):
     for name in STATISTICS:
       row[name], row[f'{name}_low'], row[f'{name}_high'] = interval(per_task, name)
     rows.append(row)
-  return rows, short
-
-
-def uneven_tasks(runs, short):
-  """[(method, 'task: n, ...')] for the methods whose aggregated runs are not as many on every task."""
-  left_out = {id(run) for run, _ in short}
-  counts = collections.defaultdict(collections.Counter)
-  for run in runs:
-    if id(run) not in left_out:
-      counts[run.method][run.task] += 1
-  return [(method, ', '.join(f'{task}: {n}' for task, n in sorted(c.items())))
-          for method, c in sorted(counts.items()) if len(set(c.values())) > 1]
+  return rows, short, uneven
 
 
 AGGREGATE_COLUMNS = ('method', 'runs', 'tasks', 'step') + tuple(
@@ -525,12 +516,12 @@ def main(argv=None):
       parser.error(f"--hline {line}: expected TASK:LABEL=VALUE, e.g. 'dmc_cheetah_run:random policy=5.2'")
   args.outdir.mkdir(parents=True, exist_ok=True)
   if args.figure == 'aggregate':
-    rows, short = aggregate_rows(runs, paper_runs, args.bins)
+    rows, short, uneven = aggregate_rows(runs, paper_runs, args.bins)
     plot_aggregate(rows, args.outdir)
     print((args.outdir / 'aggregate.md').read_text())
     for run, step in short:
       print(f'Left out (short of step {rows[0]["step"]}): {run.task}/{run.method}/{run.seed}, its last bin at {step}.')
-    for method, counts in uneven_tasks(runs, short):
+    for method, counts in uneven:
       print(f'Note: {method} has {counts} runs: its pooled statistics weigh the tasks unequally.')
     print(f'Wrote {args.outdir / "aggregate.png"}, aggregate.pdf, aggregate.md and aggregate.csv.')
     return 0
