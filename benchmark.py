@@ -7,7 +7,9 @@ the policy step, the real environment step, and the hours one million environmen
 
 import collections
 import json
+import os
 import pathlib
+import re
 import tempfile
 import time
 
@@ -278,6 +280,15 @@ def peak_gflops(dtype, size=2048, repeats=10):
   return 2 * size ** 3 * repeats * lanes / min(times) / 1e9
 
 
+def xla_cache_state():
+  """{dir, entries}: TensorFlow's persistent XLA cache as this process found it (runtime.py). With entries from
+  an earlier run of the same code, the first train step loads its XLA programs instead of compiling them."""
+  found = re.search(r'--' + runtime.XLA_CACHE_FLAG + r'=(\S+)', os.environ.get('TF_XLA_FLAGS', ''))
+  if not found:
+    return {'dir': None, 'entries': 0}
+  return {'dir': found.group(1), 'entries': len(list(pathlib.Path(found.group(1)).glob('*.pb')))}
+
+
 def spread(values):
   return dict(min=float(np.min(values)), median=float(np.median(values)), max=float(np.max(values)),
               n=len(values))
@@ -293,6 +304,7 @@ def run(config, make_agent, make_dataset, make_env, policy_name, process_start):
                       f'{len(tf.config.list_physical_devices("CPU"))} device, {runtime.cores()} cores'
                       f'{", " + per_op if per_op else ""})')
   result['onednn'] = runtime.onednn_enabled()
+  result['xla_cache'] = xla_cache_state()
   result['intra_op_threads'] = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default.
   result['precision'] = policy_name
   result['config'] = {k: config[k] for k in (

@@ -10,11 +10,18 @@
   code's own outputs moved by at most 4e-7 relative between the two settings).
 Each default yields to a value the user set in the environment.
 
+- TF_XLA_FLAGS gets --tf_xla_persistent_cache_directory (xla_cache_dir): the XLA programs a process compiles
+  (the bfloat16 activations' gradients and the GRU's gates in models.py, the policy step) are written to disk and
+  loaded by every later process on this machine instead of compiled again: about 0.5 s of the paper-size first
+  train step on the AMX machine (docs/speed.md, session 14). DREAMER_XLA_CACHE=<dir> puts them elsewhere, =0 turns
+  this off; a TF_XLA_FLAGS that already names a cache directory is left alone.
+
 DREAMER_CPU_BF16=1 (or 0) makes `--precision 16` on a CPU resolve as on a CPU with (or without) bfloat16
 instructions, whatever this one has: mixed_bfloat16 (TensorFlow emulates it where the CPU lacks it: slow, but the
 same rounding) or float32. The tests honour it, so that the suite runs as each kind of CPU would run it.
 """
 
+import hashlib
 import os
 import pathlib
 import platform
@@ -35,6 +42,45 @@ def configure():
     elif platform.machine().lower() in X86:
       os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'
       onednn_source = 'port'
+  xla_flags = os.environ.get('TF_XLA_FLAGS', '')
+  if XLA_CACHE_FLAG not in xla_flags:
+    cache = xla_cache_dir()
+    if cache:
+      os.environ['TF_XLA_FLAGS'] = f'{xla_flags} --{XLA_CACHE_FLAG}={cache}'.strip()
+
+
+XLA_CACHE_ENV = 'DREAMER_XLA_CACHE'
+XLA_CACHE_FLAG = 'tf_xla_persistent_cache_directory'
+
+
+def xla_cache_dir():
+  """The directory of TensorFlow's persistent XLA cache for this process, or None (turned off with
+  DREAMER_XLA_CACHE=0, or not writable). By default ~/.cache/dreamer/xla (under XDG_CACHE_HOME when set), in a
+  subdirectory per TensorFlow version and CPU: an entry holds machine code for this CPU's instructions, and
+  TensorFlow fails, rather than compiles again, on an entry it cannot load (another version's, another CPU's from a
+  shared home directory). Entries are written to a temporary file and renamed, so concurrent runs and a crash leave
+  no partial entry. No TensorFlow import."""
+  chosen = os.environ.get(XLA_CACHE_ENV)
+  if chosen in ('0', ''):
+    return None
+  if chosen is None:
+    base = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'dreamer' / 'xla'
+    try:
+      from importlib import metadata
+      version = metadata.version('tensorflow')
+    except Exception:  # No installed distribution to name: no cache rather than one shared across versions.
+      return None
+    cpu = hashlib.sha256(f'{cpu_model()} {sorted(cpu_flags())}'.encode()).hexdigest()[:12]
+    path = base / f'tf{version}-{platform.machine()}-{cpu}'
+  else:
+    path = pathlib.Path(chosen).expanduser()
+  if any(c.isspace() for c in str(path)):  # TF_XLA_FLAGS splits at whitespace.
+    return None
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return None
+  return str(path) if os.access(path, os.W_OK) else None
 
 
 def import_tensorflow():

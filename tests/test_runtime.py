@@ -1,7 +1,9 @@
 """Process settings made before TensorFlow is imported (runtime.py): oneDNN on x86 unless the user chose."""
 
 import os
+import pathlib
 import platform
+import re
 import subprocess
 import sys
 
@@ -130,3 +132,63 @@ def test_intra_op_threads_cannot_change_once_tensorflow_has_started():
   with pytest.raises(dreamer.UserError, match=rf'--intra_op_threads {current + 5}: TensorFlow has already started'):
     dreamer.set_intra_op_threads(current + 5)
   assert tf.config.threading.get_intra_op_parallelism_threads() == current
+
+
+XLA_PROBE = ('import os, runtime; runtime.configure(); print(os.environ.get("TF_XLA_FLAGS"))')
+
+
+def xla_flags_after_configure(**env):
+  """TF_XLA_FLAGS as runtime.configure() leaves it in a fresh process started with `env` (None: unset)."""
+  environ = {k: v for k, v in os.environ.items() if k not in env and k not in ('TF_XLA_FLAGS', runtime.XLA_CACHE_ENV)}
+  environ.update({k: v for k, v in env.items() if v is not None})
+  result = subprocess.run([sys.executable, '-c', XLA_PROBE], capture_output=True, text=True, cwd=ROOT,
+                          env=environ, timeout=60)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.strip()
+
+
+def test_the_xla_cache_is_kept_per_tensorflow_version_and_cpu_and_yields_to_the_user(tmp_path):
+  from importlib import metadata
+  flag = '--' + runtime.XLA_CACHE_FLAG
+  default = xla_flags_after_configure(XDG_CACHE_HOME=str(tmp_path / 'cache'))
+  version, machine = metadata.version('tensorflow'), platform.machine()
+  assert re.fullmatch(f'{flag}={tmp_path}/cache/dreamer/xla/tf{re.escape(version)}-{machine}-[0-9a-f]{{12}}', default), \
+      default
+  assert pathlib.Path(default.partition('=')[2]).is_dir()
+  # The same CPU and version give the same directory; the directory names the CPU (machine code is cached).
+  assert xla_flags_after_configure(XDG_CACHE_HOME=str(tmp_path / 'cache')) == default
+  assert xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'mine')) == f'{flag}={tmp_path}/mine'
+  assert xla_flags_after_configure(DREAMER_XLA_CACHE='0') == 'None'
+  # The user's other XLA flags stay; a cache directory of theirs wins.
+  assert xla_flags_after_configure(TF_XLA_FLAGS='--tf_xla_clustering_debug', DREAMER_XLA_CACHE=str(tmp_path / 'x')) \
+      == f'--tf_xla_clustering_debug {flag}={tmp_path}/x'
+  theirs = f'{flag}={tmp_path}/theirs --tf_xla_clustering_debug'
+  assert xla_flags_after_configure(TF_XLA_FLAGS=theirs) == theirs
+  assert xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'with space')) == 'None'
+
+
+CACHE_PROBE = ('import runtime; runtime.configure(); import tensorflow as tf, models; '
+               'x = tf.cast(tf.range(-2.0 ** 17, 2.0 ** 17) / 1000, tf.bfloat16)\n'
+               'with tf.GradientTape() as tape:\n'
+               '  tape.watch(x); y = models.get_act("elu")(x)\n'
+               'print(float(tf.reduce_sum(tf.cast(tape.gradient(y, x), tf.float32))))')
+
+
+def test_a_second_process_loads_the_xla_programs_the_first_compiled(tmp_path):
+  # The bfloat16 elu gradient at 2^18 elements is one of the port's XLA programs (models.get_act). TensorFlow's
+  # own log says whether a process compiled and saved it or loaded it.
+  env = dict(os.environ, DREAMER_XLA_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL='0',
+             TF_CPP_VMODULE='device_executable_persistor=1')
+  env.pop('TF_XLA_FLAGS', None)
+  runs = []
+  for _ in range(2):
+    result = subprocess.run([sys.executable, '-c', CACHE_PROBE], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob('*.pb')}
+    runs.append((result.stdout.split()[-1], result.stderr, entries))
+  (value, log, entries), (value2, log2, entries2) = runs
+  assert entries and 'Serializing and saving cache entry' in log and 'Loading cached entry' not in log, log[-3000:]
+  assert 'Loading cached entry' in log2 and 'Serializing and saving cache entry' not in log2, log2[-3000:]
+  assert entries2 == entries  # Loaded, not written again.
+  assert value2 == value
