@@ -292,6 +292,33 @@ def test_conv_decoder_shapes_and_dtypes(precision):
   np.testing.assert_allclose(logprob.numpy(), expected, rtol=1e-5)
 
 
+def test_the_image_likelihood_is_tfps_bit_for_bit_and_its_gradient_has_no_tile():
+  # models.ImageNormal: the decoder's Independent(Normal(mean, 1)) with the log-likelihood's gradient written out.
+  rng = np.random.default_rng(0)
+  mean = tf.constant(rng.normal(0, 0.3, [B, T, 64, 64, 3]), tf.float32)
+  image = tf.constant(rng.uniform(-0.5, 0.5, [B, T, 64, 64, 3]), tf.float32)
+  dy = tf.constant(rng.normal(size=[B, T]), tf.float32)
+  tfp_dist = lambda m: tfd.Independent(tfd.Normal(m, 1), 3)
+  ours = lambda m: models.ImageNormal(tfd.Normal(m, 1), 3)
+
+  def likelihood(dist):
+    return lambda m, x: dist(m).log_prob(x)
+  expected = _grads(likelihood(tfp_dist), mean, dy, image)
+  got = _grads(likelihood(ours), mean, dy, image)
+  for name, a, b in zip(('log_prob', 'd mean', 'd image'), expected, got):
+    np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=name)
+  for method in ('mean', 'mode', 'stddev'):
+    np.testing.assert_array_equal(getattr(ours(mean), method)().numpy(), getattr(tfp_dist(mean), method)().numpy())
+  ops, _ = _graph_ops(lambda m, x: _grads(likelihood(ours), m, dy, x), mean, image)
+  tfp_ops, _ = _graph_ops(lambda m, x: _grads(likelihood(tfp_dist), m, dy, x), mean, image)
+  assert 'Tile' in tfp_ops and not ops & {'Tile', 'BroadcastTo'}, ops
+  # Another scale keeps TFP's own log_prob (the written-out gradient is scale 1's).
+  np.testing.assert_array_equal(models.ImageNormal(tfd.Normal(mean, 2.0), 3).log_prob(image).numpy(),
+                                tfd.Independent(tfd.Normal(mean, 2.0), 3).log_prob(image).numpy())
+  # The decoder returns it, in every precision.
+  assert isinstance(models.ConvDecoder(DEPTH)(random_feat([B, FEAT], tf.float32)), models.ImageNormal)
+
+
 def test_conv_decoder_kernels_and_spatial_sizes(precision):
   dtype = compute_dtype(precision)
   d = DEPTH
