@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorflow_probability import distributions as tfd
 
 import models
+import runtime
 import tools
 
 B, T, DEPTH, UNITS = 3, 4, 4, 16
@@ -165,7 +166,7 @@ def test_bias_act_in_bfloat16_is_one_xla_program_with_bias_add_and_the_activatio
   ops, xla = _graph_ops(lambda x, b: models.bias_act(x, b, act), x32, b32)
   assert not xla and 'BiasAdd' in ops
   ops, xla = _graph_ops(lambda x, b: models.bias_act(x, b, act), x[:10], bias)  # Small: TensorFlow's ops.
-  assert not xla and 'BiasAdd' in ops
+  assert not xla and 'AddV2' in ops  # bias_add's broadcast add in bfloat16.
 
 
 def test_gru_cell_in_bfloat16_computes_its_gates_in_one_xla_program_as_kerass_formula():
@@ -736,6 +737,40 @@ def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
   grad = tape.gradient(y, layer.bias, output_gradients=dy).numpy()
   truth = tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(y.shape) - 1))).numpy()
   np.testing.assert_allclose(grad, truth, rtol=2 ** -8)
+
+
+def _optimized_ops(fn, *args):
+  """(op, fused_ops) of the graph grappler makes of tf.function(fn) on these arguments, as it runs."""
+  from tensorflow.python.eager import context
+  fn = tf.function(fn)
+  context.enable_run_metadata()
+  try:
+    fn(*args)
+    graphs = context.export_run_metadata().function_graphs
+  finally:
+    context.disable_run_metadata()
+  return [(node.op, tuple(s.decode() for s in node.attr['fused_ops'].list.s))
+          for graph in graphs for node in graph.post_optimization_graph.node]
+
+
+def test_bfloat16_bias_adds_fuse_with_their_matmul_or_convolution_as_bias_add_does():
+  # bias_add is a broadcast add in bfloat16 (its gradient TensorFlow's Sum, accumulated in float32); grappler fuses
+  # it wherever it fuses tf.nn.bias_add (with oneDNN on: on CPUs with bfloat16 instructions, into one kernel).
+  rng = np.random.default_rng(0)
+  x, w, b = (tf.constant(rng.normal(size=shape), tf.bfloat16) for shape in ([4, 16], [16, 32], [32]))
+  image, kernel, kb = (tf.constant(rng.normal(size=shape), tf.bfloat16) for shape in ([2, 9, 9, 3], [3, 3, 3, 8], [8]))
+
+  def layers(add):
+    return lambda x, image: (tf.nn.elu(add(tf.matmul(x, w), b)),
+                             tf.nn.relu(add(tf.nn.conv2d(image, kernel, 1, 'VALID'), kb)))
+  plumbing = {'_Arg', '_Retval', 'Const', 'Identity', 'NoOp'}
+  ours, theirs = ([op for op in _optimized_ops(layers(add), x, image) if op[0] not in plumbing]
+                  for add in (models.bias_add, tf.nn.bias_add))
+  assert sorted(ours) == sorted(theirs), (ours, theirs)
+  for a, b in zip(layers(models.bias_add)(x, image), layers(tf.nn.bias_add)(x, image)):
+    np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
+  if runtime.onednn_enabled() and runtime.cpu_flags() & {'avx512_bf16', 'amx_bf16'}:
+    assert ('_FusedMatMul', ('BiasAdd', 'Elu')) in ours and ('_FusedConv2D', ('BiasAdd', 'Relu')) in ours, ours
 
 
 def test_the_decoders_first_layer_sums_its_float16_bias_gradient_in_float32():
