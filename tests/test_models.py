@@ -740,17 +740,22 @@ def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
 
 
 def _optimized_ops(fn, *args):
-  """(op, fused_ops) of the graph grappler makes of tf.function(fn) on these arguments, as it runs."""
+  """(op, fused_ops) of the graph grappler makes of tf.function(fn) on these arguments, as it runs. Run metadata
+  also collects the graphs other threads run meanwhile (an earlier test's input pipeline): fn's is the one whose
+  graph before optimization holds the marker it returns."""
   from tensorflow.python.eager import context
-  fn = tf.function(fn)
+  marker = 'optimized_ops_marker'
+  probe = tf.function(lambda *args: (fn(*args), tf.identity(args[0], name=marker)))
   context.enable_run_metadata()
   try:
-    fn(*args)
+    probe(*args)
     graphs = context.export_run_metadata().function_graphs
   finally:
     context.disable_run_metadata()
+  ours = [g for g in graphs if any(n.name.endswith(marker) for n in g.pre_optimization_graph.node)]
+  assert len(ours) == 1, [len(g.pre_optimization_graph.node) for g in graphs]
   return [(node.op, tuple(s.decode() for s in node.attr['fused_ops'].list.s))
-          for graph in graphs for node in graph.post_optimization_graph.node]
+          for node in ours[0].post_optimization_graph.node]
 
 
 def test_bfloat16_bias_adds_fuse_with_their_matmul_or_convolution_as_bias_add_does():
@@ -763,7 +768,7 @@ def test_bfloat16_bias_adds_fuse_with_their_matmul_or_convolution_as_bias_add_do
   def layers(add):
     return lambda x, image: (tf.nn.elu(add(tf.matmul(x, w), b)),
                              tf.nn.relu(add(tf.nn.conv2d(image, kernel, 1, 'VALID'), kb)))
-  plumbing = {'_Arg', '_Retval', 'Const', 'Identity', 'NoOp'}
+  plumbing = {'_Arg', '_Retval', 'Const', 'Identity', 'NoOp'}  # And the marker's Identity.
   ours, theirs = ([op for op in _optimized_ops(layers(add), x, image) if op[0] not in plumbing]
                   for add in (models.bias_add, tf.nn.bias_add))
   assert sorted(ours) == sorted(theirs), (ours, theirs)
