@@ -170,11 +170,22 @@ def table(runs, paper_runs, width):
   return rows
 
 
-def average_row(rows):
-  mean = lambda key: (float(np.mean([r[key] for r in rows if r[key] is not None]))
-                      if any(r[key] is not None for r in rows) else None)
-  return dict(task='average', method='', seeds='', step='', final=mean('final'), eval=mean('eval'),
-              paper_same_step=mean('paper_same_step'), paper_final=mean('paper_final'))
+def average_rows(rows):
+  """One `average` row per method: the mean over its tasks whose row is at the method's furthest step (a task
+  further behind is left out: averaging returns at different steps would compare nothing), and the tasks left
+  out as (task, method, step)."""
+  averages, short = [], []
+  for method in sorted({r['method'] for r in rows}):
+    own = [r for r in rows if r['method'] == method]
+    step = max(r['step'] for r in own)
+    used = [r for r in own if r['step'] == step]
+    short += [(r['task'], method, r['step']) for r in own if r['step'] != step]
+    mean = lambda key: (float(np.mean([r[key] for r in used if r[key] is not None]))
+                        if any(r[key] is not None for r in used) else None)
+    averages.append(dict(task=f'average ({len(used)} task{"s" * (len(used) != 1)})', method=method,
+                         seeds=sum(r['seeds'] for r in used), step=step, final=mean('final'), eval=mean('eval'),
+                         paper_same_step=mean('paper_same_step'), paper_final=mean('paper_final')))
+  return averages, short
 
 
 COLUMNS = ('task', 'method', 'seeds', 'step', 'final', 'eval', 'paper_same_step', 'paper_final')
@@ -198,9 +209,10 @@ def write_table(outdir, name, columns, rows, digits=1):
 
 
 def write_tables(rows, outdir):
-  rows = rows + [average_row(rows)]
-  write_table(outdir, 'returns', COLUMNS, rows)
-  return rows
+  """returns.md / .csv: the rows and each method's average; returns the tasks the averages left out."""
+  averages, short = average_rows(rows)
+  write_table(outdir, 'returns', COLUMNS, rows + averages)
+  return short
 
 
 RUN_COLUMNS = ('task', 'method', 'seed', 'step', 'tests', 'score', 'eval', 'paper_mean', 'paper_min', 'paper_max',
@@ -526,8 +538,10 @@ def main(argv=None):
     print(f'Wrote {args.outdir / "aggregate.png"}, aggregate.pdf, aggregate.md and aggregate.csv.')
     return 0
   plot(runs, paper_runs, baselines, args.outdir, args.bins, args.band, args.xkey, args.ykey)
-  rows = write_tables(table(runs, paper_runs, args.bins), args.outdir)
+  short = write_tables(table(runs, paper_runs, args.bins), args.outdir)
   print((args.outdir / 'returns.md').read_text())
+  for task, method, step in short:
+    print(f'Not in the average of {method}: {task}, at step {step} (behind its other tasks).')
   written = 'returns.md and returns.csv'
   per_run = runs_table(runs, paper_runs)
   if per_run:

@@ -39,7 +39,8 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   write_run(indir, 'dmc_cheetah_run', 'port', 0, [(5000, 1), (105000, 100)])
   write_run(indir, 'dmc_cheetah_run', 'port', 1, [(5000, 7), (25000, 3)])  # Unfinished: not in the final mean.
   assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
-  assert 'not JSON' in capsys.readouterr().err
+  printed = capsys.readouterr()
+  assert 'not JSON' in printed.err
   for name in ('curves.png', 'curves.pdf'):
     assert (outdir / name).stat().st_size > 10000
   assert (outdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -56,10 +57,23 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   cheetah = rows['dmc_cheetah_run']
   assert float(cheetah['final']) == 100.0 and cheetah['eval'] == '' and cheetah['seeds'] == '1'
   assert abs(float(cheetah['paper_same_step']) - cheetah_at(105000)) < 0.05
-  average = rows['average']
-  assert abs(float(average['final']) - (60.0 + 100.0) / 2) < 0.05
-  assert abs(float(average['paper_final']) - (walker_final + cheetah_final) / 2) < 0.05
+  # The average is over the tasks at the method's furthest step: cheetah (at 105000) is left out, and named.
+  average = rows['average (1 task)']
+  assert float(average['final']) == 60.0 and average['step'] == '205000' and average['seeds'] == '2'
+  assert abs(float(average['paper_final']) - walker_final) < 0.05
+  assert 'Not in the average of port: dmc_cheetah_run, at step 105000' in printed.out
   assert '| dmc_walker_walk | port | 2 | 205000 | 60.0 | 44.0 |' in (outdir / 'returns.md').read_text()
+  # Tasks at the same step average together; each method has its own average.
+  write_run(indir, 'dmc_cheetah_run', 'port', 2, [(5000, 1), (105000, 80), (205000, 140)])
+  write_run(indir, 'dmc_walker_walk', 'other', 0, [(5000, 1), (105000, 30)], 33.0)
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
+  rows = {(r['task'], r['method']): r for r in csv.DictReader((outdir / 'returns.csv').open())}
+  average = rows[('average (2 tasks)', 'port')]
+  assert float(average['final']) == (60.0 + 140.0) / 2 and average['step'] == '205000' and average['seeds'] == '3'
+  assert abs(float(average['paper_same_step']) - (walker_at(205000) + cheetah_at(205000)) / 2) < 0.05
+  assert abs(float(average['paper_final']) - (walker_final + cheetah_final) / 2) < 0.05
+  other = rows[('average (1 task)', 'other')]
+  assert float(other['final']) == 30.0 and float(other['eval']) == 33.0 and other['step'] == '105000'
 
 
 def test_filters_and_missing_runs(tmp_path):
@@ -69,7 +83,7 @@ def test_filters_and_missing_runs(tmp_path):
   assert plotting.main(['--indir', str(indir), '--outdir', str(tmp_path / 'a'), '--tasks', 'dmc_walker_*',
                         '--band', 'std', '--bins', '5e4']) == 0
   rows = list(csv.DictReader((tmp_path / 'a' / 'returns.csv').open()))
-  assert [r['task'] for r in rows] == ['dmc_walker_walk', 'average']
+  assert [r['task'] for r in rows] == ['dmc_walker_walk', 'average (1 task)']
   assert plotting.main(['--indir', str(tmp_path / 'empty'), '--outdir', str(tmp_path / 'b')]) == 2
 
 
