@@ -27,7 +27,8 @@ FIGURES = {
     'peak_gflops': lambda d: d['peak_gflops'],
     'policy_step_ms': lambda d: d['policy_step_ms']['median'],
     'hours_per_1e6_env_steps': lambda d: d['hours_per_1e6_env_steps'],
-    # Programs in the persistent XLA cache when the run started (runtime.py): with entries, the first step loads them.
+    # Programs in the persistent XLA cache when the run started (DREAMER_XLA_CACHE, runtime.py): 0 means its first
+    # step compiled every XLA program; entries from an earlier run of the same code and flags are loaded instead.
     'xla_cache_entries': lambda d: d['xla_cache']['entries'],
 }
 

@@ -118,6 +118,8 @@ def bias_add(x, bias):
   if x.dtype == tf.float32:
     return tf.nn.bias_add(x, bias)
   if x.dtype == tf.bfloat16:
+    if bias.shape.rank != 1 or x.shape[-1] not in (None, bias.shape[0]):  # What BiasAdd would refuse.
+      raise ValueError(f'bias_add: bias {bias.shape} does not match the last axis of {x.shape}.')
     return x + bias
   return _bias_add_summed_in_float32(x, bias)
 
@@ -455,10 +457,14 @@ class ImageNormal(tfd.Independent):
   def _log_prob(self, x):
     normal = self.distribution
     scale = tf.get_static_value(normal.scale)
-    if scale is None or np.any(scale != 1):  # Only scale 1 has this gradient.
+    ndims = tf.get_static_value(self.reinterpreted_batch_ndims)
+    x = tf.convert_to_tensor(x)
+    # The written-out gradient is scale 1's, for an image of the mean's shape (no broadcasting to reduce), summed
+    # as TFP sums without Kahan summation; anything else is TFP's own log_prob.
+    if (scale is None or np.any(scale != 1) or ndims is None or self._experimental_use_kahan_sum
+        or not x.shape.is_fully_defined() or x.shape != normal.loc.shape):
       return super()._log_prob(x)
-    axes = [-1 - i for i in range(int(tf.get_static_value(self.reinterpreted_batch_ndims)))]
-    return _unit_normal_log_prob(normal.loc, tf.cast(x, normal.dtype), axes)
+    return _unit_normal_log_prob(normal.loc, x, [-1 - i for i in range(int(ndims))])
 
 
 def _unit_normal_log_prob(loc, x, axes):

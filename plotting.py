@@ -162,7 +162,7 @@ def table(runs, paper_runs, width):
     group = [run for run, label in zip(group, last) if reaches(label, step, bins)]
     evals = [run.eval['mean'] for run in group if run.eval]
     rows.append(dict(
-        task=task, method=method, seeds=len(group), step=int(step),
+        task=task, method=method, seeds=len(group), step=int(step), width=bins,
         final=float(np.mean([final_return(run, bins) for run in group])),
         eval=float(np.mean(evals)) if evals else None,
         paper_same_step=paper_at(paper, step) if paper else None,
@@ -178,8 +178,9 @@ def average_rows(rows):
   for method in sorted({r['method'] for r in rows}):
     own = [r for r in rows if r['method'] == method]
     step = max(r['step'] for r in own)
-    used = [r for r in own if r['step'] == step]
-    short += [(r['task'], method, r['step']) for r in own if r['step'] != step]
+    at = lambda r: reaches(r['step'], step, r['width'])  # A few steps apart count as the same bin.
+    used = [r for r in own if at(r)]
+    short += [(r['task'], method, r['step']) for r in own if not at(r)]
     mean = lambda key: (float(np.mean([r[key] for r in used if r[key] is not None]))
                         if any(r[key] is not None for r in used) else None)
     averages.append(dict(task=f'average ({len(used)} task{"s" * (len(used) != 1)})', method=method,

@@ -10,11 +10,12 @@
   code's own outputs moved by at most 4e-7 relative between the two settings).
 Each default yields to a value the user set in the environment.
 
-- TF_XLA_FLAGS gets --tf_xla_persistent_cache_directory (xla_cache_dir): the XLA programs a process compiles
-  (the bfloat16 activations' gradients and the GRU's gates in models.py, the policy step) are written to disk and
-  loaded by every later process on this machine instead of compiled again: about 0.5 s of the paper-size first
-  train step on the AMX machine (docs/speed.md, session 14). DREAMER_XLA_CACHE=<dir> puts them elsewhere, =0 turns
-  this off; a TF_XLA_FLAGS that already names a cache directory is left alone.
+- DREAMER_XLA_CACHE=1 (or a directory) turns TensorFlow's persistent XLA cache on (xla_cache_dir): the XLA
+  programs a process compiles (the bfloat16 activations' gradients and the GRU's gates in models.py, the policy
+  step) are written to disk and loaded by later processes instead of compiled again, about 0.5 s of the paper-size
+  first train step on the AMX machine (docs/speed.md, session 14). Off by default: TensorFlow fails the op, rather
+  than compiling again, when it cannot write an entry (a full disk, a quota) or read one (a damaged file). A
+  TF_XLA_FLAGS that already names a cache directory is left alone.
 
 DREAMER_CPU_BF16=1 (or 0) makes `--precision 16` on a CPU resolve as on a CPU with (or without) bfloat16
 instructions, whatever this one has: mixed_bfloat16 (TensorFlow emulates it where the CPU lacks it: slow, but the
@@ -25,6 +26,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shutil
 
 X86 = ('x86_64', 'amd64', 'i386', 'i686')
 
@@ -46,41 +48,54 @@ def configure():
   if XLA_CACHE_FLAG not in xla_flags:
     cache = xla_cache_dir()
     if cache:
-      os.environ['TF_XLA_FLAGS'] = f'{xla_flags} --{XLA_CACHE_FLAG}={cache}'.strip()
+      os.environ['TF_XLA_FLAGS'] = (f'{xla_flags} --{XLA_CACHE_FLAG}={cache} '
+                                    f'--tf_xla_persistent_cache_device_types=CPU').strip()
 
 
 XLA_CACHE_ENV = 'DREAMER_XLA_CACHE'
 XLA_CACHE_FLAG = 'tf_xla_persistent_cache_directory'
+XLA_CACHE_MIN_FREE = 2 ** 30  # Bytes free on the cache's file system, or the cache stays off.
 
 
 def xla_cache_dir():
-  """The directory of TensorFlow's persistent XLA cache for this process, or None (turned off with
-  DREAMER_XLA_CACHE=0, or not writable). By default ~/.cache/dreamer/xla (under XDG_CACHE_HOME when set), in a
-  subdirectory per TensorFlow version and CPU: an entry holds machine code for this CPU's instructions, and
-  TensorFlow fails, rather than compiles again, on an entry it cannot load (another version's, another CPU's from a
-  shared home directory). Entries are written to a temporary file and renamed, so concurrent runs and a crash leave
+  """The directory of TensorFlow's persistent XLA cache for this process, or None: DREAMER_XLA_CACHE unset or 0
+  (off), 1 (under ~/.cache/dreamer/xla, or XDG_CACHE_HOME) or a directory, in a subdirectory per TensorFlow
+  version, CPU and XLA_FLAGS: an entry holds machine code for this CPU's instructions, built with those flags, and
+  TensorFlow's key covers neither (it would load another CPU's entry from a shared home directory, or one built
+  with other XLA_FLAGS). Off, with a line on stderr, where the directory cannot be written, has less than
+  XLA_CACHE_MIN_FREE bytes free, or has whitespace in its path (TF_XLA_FLAGS splits at whitespace). Only the CPU's
+  XLA programs are cached. Entries are written to a temporary file and renamed, so concurrent runs and a crash leave
   no partial entry. No TensorFlow import."""
-  chosen = os.environ.get(XLA_CACHE_ENV)
+  chosen = os.environ.get(XLA_CACHE_ENV, '0')
   if chosen in ('0', ''):
     return None
-  if chosen is None:
-    base = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'dreamer' / 'xla'
-    try:
-      from importlib import metadata
-      version = metadata.version('tensorflow')
-    except Exception:  # No installed distribution to name: no cache rather than one shared across versions.
-      return None
-    cpu = hashlib.sha256(f'{cpu_model()} {sorted(cpu_flags())}'.encode()).hexdigest()[:12]
-    path = base / f'tf{version}-{platform.machine()}-{cpu}'
-  else:
-    path = pathlib.Path(chosen).expanduser()
-  if any(c.isspace() for c in str(path)):  # TF_XLA_FLAGS splits at whitespace.
-    return None
+  base = (pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'dreamer' / 'xla'
+          if chosen == '1' else pathlib.Path(chosen).expanduser())
+  try:
+    from importlib import metadata
+    version = metadata.version('tensorflow')
+  except Exception:  # No installed distribution to name: no cache rather than one shared across versions.
+    return _no_xla_cache(base, 'the installed TensorFlow has no version to key it by')
+  key = f'{cpu_model()} {sorted(cpu_flags())} {os.environ.get("XLA_FLAGS", "")}'
+  path = base / f'tf{version}-{platform.machine()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}'
+  if any(c.isspace() for c in str(path)):
+    return _no_xla_cache(path, 'its path has whitespace, which TF_XLA_FLAGS cannot hold')
   try:
     path.mkdir(parents=True, exist_ok=True)
-  except OSError:
-    return None
-  return str(path) if os.access(path, os.W_OK) else None
+    free = shutil.disk_usage(path).free
+  except OSError as e:
+    return _no_xla_cache(path, f'it cannot be made ({e.strerror})')
+  if not os.access(path, os.W_OK):
+    return _no_xla_cache(path, 'it is not writable')
+  if free < XLA_CACHE_MIN_FREE:
+    return _no_xla_cache(path, f'its file system has {free / 2 ** 20:.0f} MiB free, less than 1 GiB')
+  return str(path)
+
+
+def _no_xla_cache(path, why):
+  import sys
+  print(f'{XLA_CACHE_ENV}: the XLA cache stays off: {path}: {why}.', file=sys.stderr)
+  return None
 
 
 def import_tensorflow():

@@ -316,8 +316,22 @@ def test_the_image_likelihood_is_tfps_bit_for_bit_and_its_gradient_has_no_tile()
   # Another scale keeps TFP's own log_prob (the written-out gradient is scale 1's).
   np.testing.assert_array_equal(models.ImageNormal(tfd.Normal(mean, 2.0), 3).log_prob(image).numpy(),
                                 tfd.Independent(tfd.Normal(mean, 2.0), 3).log_prob(image).numpy())
-  # The decoder returns it, in every precision.
-  assert isinstance(models.ConvDecoder(DEPTH)(random_feat([B, FEAT], tf.float32)), models.ImageNormal)
+  # An image that broadcasts against the mean, and Kahan summation, are TFP's own log_prob (gradient shapes).
+  wide = tf.concat([image[None], image[None]], 0)
+  _, grad = _grads(lambda m: ours(m).log_prob(wide), mean, tf.ones([2, B, T]))
+  assert grad.shape == mean.shape
+  kahan = models.ImageNormal(tfd.Normal(mean, 1), 3, experimental_use_kahan_sum=True).log_prob(image)
+  np.testing.assert_array_equal(
+      kahan.numpy(), tfd.Independent(tfd.Normal(mean, 1), 3, experimental_use_kahan_sum=True).log_prob(image).numpy())
+  # The decoder returns it, in every precision, and its log_prob takes the written-out gradient in a traced graph
+  # (the decoder reshapes its mean with a computed shape).
+  decoder = models.ConvDecoder(DEPTH)
+  assert isinstance(decoder(random_feat([B, FEAT], tf.float32)), models.ImageNormal)
+  feat = random_feat([B, T, FEAT], tf.float32)
+  graph = tf.function(lambda f, x: _grads(lambda f: decoder(f).log_prob(x), f, dy)).get_concrete_function(
+      feat, image).graph
+  tiled = [op.outputs[0].shape for op in graph.get_operations() if op.type in ('Tile', 'BroadcastTo')]
+  assert tiled and all(shape.num_elements() < image.shape.num_elements() for shape in tiled), tiled  # h5's bias.
 
 
 def test_conv_decoder_kernels_and_spatial_sizes(precision):
@@ -771,9 +785,14 @@ def test_bfloat16_bias_adds_fuse_with_their_matmul_or_convolution_as_bias_add_do
   plumbing = {'_Arg', '_Retval', 'Const', 'Identity', 'NoOp'}  # And the marker's Identity.
   ours, theirs = ([op for op in _optimized_ops(layers(add), x, image) if op[0] not in plumbing]
                   for add in (models.bias_add, tf.nn.bias_add))
+  # Where grappler fuses neither (oneDNN off: its remapper reads a bias add as BiasAdd only with oneDNN; or no
+  # bfloat16 kernels to fuse into), the add stays an AddV2 where tf.nn.bias_add stays a BiasAdd: one pass each.
+  ours = [('BiasAdd', fused) if op == 'AddV2' else (op, fused) for op, fused in ours]
   assert sorted(ours) == sorted(theirs), (ours, theirs)
   for a, b in zip(layers(models.bias_add)(x, image), layers(tf.nn.bias_add)(x, image)):
     np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
+  with pytest.raises(ValueError, match='does not match'):  # A bias of another size, as BiasAdd refuses it.
+    models.bias_add(x, tf.zeros([1], tf.bfloat16))
   if runtime.onednn_enabled() and runtime.cpu_flags() & {'avx512_bf16', 'amx_bf16'}:
     assert ('_FusedMatMul', ('BiasAdd', 'Elu')) in ours and ('_FusedConv2D', ('BiasAdd', 'Relu')) in ours, ours
 

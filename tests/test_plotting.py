@@ -72,6 +72,12 @@ def test_plot_and_table_from_synthetic_runs(tmp_path, capsys):
   assert float(average['final']) == (60.0 + 140.0) / 2 and average['step'] == '205000' and average['seeds'] == '3'
   assert abs(float(average['paper_same_step']) - (walker_at(205000) + cheetah_at(205000)) / 2) < 0.05
   assert abs(float(average['paper_final']) - (walker_final + cheetah_final) / 2) < 0.05
+  # A run whose tests came a few steps later (its bins end at 205008) is at the same step.
+  write_run(indir, 'dmc_pendulum_swingup', 'port', 0, [(5008, 0), (105008, 10), (205008, 20)])
+  assert plotting.main(['--indir', str(indir), '--outdir', str(outdir)]) == 0
+  rows = {(r['task'], r['method']): r for r in csv.DictReader((outdir / 'returns.csv').open())}
+  assert rows[('dmc_pendulum_swingup', 'port')]['step'] == '205008'
+  assert abs(float(rows[('average (3 tasks)', 'port')]['final']) - (60.0 + 140.0 + 20.0) / 3) < 0.05
   other = rows[('average (1 task)', 'other')]
   assert float(other['final']) == 30.0 and float(other['eval']) == 33.0 and other['step'] == '105000'
 

@@ -138,33 +138,45 @@ XLA_PROBE = ('import os, runtime; runtime.configure(); print(os.environ.get("TF_
 
 
 def xla_flags_after_configure(**env):
-  """TF_XLA_FLAGS as runtime.configure() leaves it in a fresh process started with `env` (None: unset)."""
-  environ = {k: v for k, v in os.environ.items() if k not in env and k not in ('TF_XLA_FLAGS', runtime.XLA_CACHE_ENV)}
+  """TF_XLA_FLAGS as runtime.configure() leaves it in a fresh process started with `env` (None: unset), and what
+  it printed on stderr."""
+  environ = {k: v for k, v in os.environ.items()
+             if k not in env and k not in ('TF_XLA_FLAGS', 'XLA_FLAGS', runtime.XLA_CACHE_ENV)}
   environ.update({k: v for k, v in env.items() if v is not None})
   result = subprocess.run([sys.executable, '-c', XLA_PROBE], capture_output=True, text=True, cwd=ROOT,
                           env=environ, timeout=60)
   assert result.returncode == 0, result.stderr
-  return result.stdout.strip()
+  return result.stdout.strip(), result.stderr
 
 
-def test_the_xla_cache_is_kept_per_tensorflow_version_and_cpu_and_yields_to_the_user(tmp_path):
+def test_the_xla_cache_is_opt_in_kept_per_tensorflow_version_cpu_and_xla_flags_and_yields_to_the_user(tmp_path):
   from importlib import metadata
-  flag = '--' + runtime.XLA_CACHE_FLAG
-  default = xla_flags_after_configure(XDG_CACHE_HOME=str(tmp_path / 'cache'))
+  flag, cpu_only = '--' + runtime.XLA_CACHE_FLAG, '--tf_xla_persistent_cache_device_types=CPU'
+  assert xla_flags_after_configure(XDG_CACHE_HOME=str(tmp_path / 'cache')) == ('None', '')  # Off by default.
+  assert xla_flags_after_configure(DREAMER_XLA_CACHE='0')[0] == 'None'
+  on, _ = xla_flags_after_configure(DREAMER_XLA_CACHE='1', XDG_CACHE_HOME=str(tmp_path / 'cache'))
   version, machine = metadata.version('tensorflow'), platform.machine()
-  assert re.fullmatch(f'{flag}={tmp_path}/cache/dreamer/xla/tf{re.escape(version)}-{machine}-[0-9a-f]{{12}}', default), \
-      default
-  assert pathlib.Path(default.partition('=')[2]).is_dir()
-  # The same CPU and version give the same directory; the directory names the CPU (machine code is cached).
-  assert xla_flags_after_configure(XDG_CACHE_HOME=str(tmp_path / 'cache')) == default
-  assert xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'mine')) == f'{flag}={tmp_path}/mine'
-  assert xla_flags_after_configure(DREAMER_XLA_CACHE='0') == 'None'
+  subdir = f'tf{re.escape(version)}-{machine}-[0-9a-f]{{12}}'
+  assert re.fullmatch(f'{flag}={tmp_path}/cache/dreamer/xla/{subdir} {cpu_only}', on), on
+  assert pathlib.Path(on.split()[0].partition('=')[2]).is_dir()
+  # The same CPU, version and XLA_FLAGS give the same directory; other XLA_FLAGS another one.
+  assert xla_flags_after_configure(DREAMER_XLA_CACHE='1', XDG_CACHE_HOME=str(tmp_path / 'cache'))[0] == on
+  other, _ = xla_flags_after_configure(DREAMER_XLA_CACHE='1', XDG_CACHE_HOME=str(tmp_path / 'cache'),
+                                       XLA_FLAGS='--xla_cpu_enable_fast_math=true')
+  assert other != on and other.startswith(f'{flag}={tmp_path}/cache/dreamer/xla/tf'), other
+  mine, _ = xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'mine'))
+  assert re.fullmatch(f'{flag}={tmp_path}/mine/{subdir} {cpu_only}', mine), mine
   # The user's other XLA flags stay; a cache directory of theirs wins.
-  assert xla_flags_after_configure(TF_XLA_FLAGS='--tf_xla_clustering_debug', DREAMER_XLA_CACHE=str(tmp_path / 'x')) \
-      == f'--tf_xla_clustering_debug {flag}={tmp_path}/x'
+  kept, _ = xla_flags_after_configure(TF_XLA_FLAGS='--tf_xla_clustering_debug', DREAMER_XLA_CACHE=str(tmp_path / 'x'))
+  assert kept.startswith(f'--tf_xla_clustering_debug {flag}={tmp_path}/x/tf'), kept
   theirs = f'{flag}={tmp_path}/theirs --tf_xla_clustering_debug'
-  assert xla_flags_after_configure(TF_XLA_FLAGS=theirs) == theirs
-  assert xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'with space')) == 'None'
+  assert xla_flags_after_configure(TF_XLA_FLAGS=theirs, DREAMER_XLA_CACHE='1')[0] == theirs
+  # Where it cannot work it stays off and says why.
+  off, said = xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'with space'))
+  assert off == 'None' and 'XLA cache stays off' in said and 'whitespace' in said, said
+  (tmp_path / 'file').write_text('')
+  off, said = xla_flags_after_configure(DREAMER_XLA_CACHE=str(tmp_path / 'file'))
+  assert off == 'None' and 'cannot be made' in said, said
 
 
 CACHE_PROBE = ('import runtime; runtime.configure(); import tensorflow as tf, models; '
@@ -179,13 +191,14 @@ def test_a_second_process_loads_the_xla_programs_the_first_compiled(tmp_path):
   # own log says whether a process compiled and saved it or loaded it.
   env = dict(os.environ, DREAMER_XLA_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL='0',
              TF_CPP_VMODULE='device_executable_persistor=1')
+  env.pop('XLA_FLAGS', None)
   env.pop('TF_XLA_FLAGS', None)
   runs = []
   for _ in range(2):
     result = subprocess.run([sys.executable, '-c', CACHE_PROBE], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    entries = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob('*.pb')}
+    entries = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob('*/*.pb')}
     runs.append((result.stdout.split()[-1], result.stderr, entries))
   (value, log, entries), (value2, log2, entries2) = runs
   assert entries and 'Serializing and saving cache entry' in log and 'Loading cached entry' not in log, log[-3000:]
