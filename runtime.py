@@ -173,6 +173,14 @@ def onednn_enabled():
     return None
 
 
+def onednn_takes_bfloat16():
+  """Whether TensorFlow runs its bfloat16 convolutions and matmuls with oneDNN here: oneDNN on, and a CPU it takes
+  bfloat16 on (TensorFlow 2.21: AVX-512 or AVX-NE-CONVERT, util/util.cc). Elsewhere TensorFlow's own bfloat16
+  kernels run, whose convolution filter gradients sum in bfloat16 (3% off against float32 where oneDNN's are 0.4%,
+  docs/speed.md, session 14). Imports TF."""
+  return bool(onednn_enabled()) and bool(cpu_flags() & {'avx512f', 'avx_ne_convert'})
+
+
 def threads_per_op():
   """E.g. '1 thread per op' when --intra_op_threads set TensorFlow's intra-op threads; '' for its default (all
   cores). Imports TF."""

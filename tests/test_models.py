@@ -866,7 +866,9 @@ def test_matmul_filter_gradient_convolution_is_tensorflows_with_its_gradients(dt
 
 def test_the_encoder_and_decoder_use_the_faster_formulations_at_their_shapes():
   """The encoder's last layer has the matmul filter gradient, the decoder's last the subpixel forward pass, and
-  in bfloat16 both stay within bfloat16 rounding of TensorFlow's own ops at the layers' shapes."""
+  in bfloat16 both stay within bfloat16 rounding of TensorFlow's own ops at the layers' shapes (or, where
+  TensorFlow's own bfloat16 kernels run, without oneDNN, within twice their own error: their filter gradients sum
+  in bfloat16, about 3% off)."""
   encoder, decoder = models.ConvEncoder(4, dtype='mixed_bfloat16'), models.ConvDecoder(4, dtype='mixed_bfloat16')
   assert encoder.h4._matmul_filter_grad and not any(l._matmul_filter_grad for l in (encoder.h1, encoder.h2, encoder.h3))
   assert decoder.h5._subpixel and not any(l._subpixel for l in (decoder.h2, decoder.h3, decoder.h4))
@@ -880,6 +882,10 @@ def test_the_encoder_and_decoder_use_the_faster_formulations_at_their_shapes():
     x, kernel, dy = (tf.constant(rng.normal(size=s), tf.float32) for s in (shape, kernel_shape, out))
     expected = _value_and_grads(reference, x, kernel, dy)
     got = _value_and_grads(fn, *(tf.cast(t, tf.bfloat16) for t in (x, kernel, dy)))
-    for a, b in zip(got, expected):
-      scale = np.abs(b.numpy()).max()
-      assert np.abs(tf.cast(a, tf.float32).numpy() - b.numpy()).max() < 2 ** -6 * scale
+    theirs = _value_and_grads(reference, *(tf.cast(t, tf.bfloat16) for t in (x, kernel, dy)))
+    error = lambda a, b: np.abs(tf.cast(a, tf.float32).numpy() - b.numpy()).max()
+    for a, b, c in zip(got, expected, theirs):
+      bound = 2 ** -6 * np.abs(b.numpy()).max()
+      if not runtime.onednn_takes_bfloat16():
+        bound = max(bound, 2 * error(c, b))
+      assert error(a, b) < bound, (error(a, b), bound, error(c, b))
