@@ -518,10 +518,9 @@ class ConvDecoder(_Composite):
     x = tf.reshape(tf.matmul(x, kernel), [-1, kh, kw, out])
     if _bias_act_fuses(x, layer.activation):
       return bias_act(x, layer.bias, layer.activation)
-    if x.dtype == tf.float16:  # TensorFlow's Sum adds float16 in float16; bias_add sums the gradient in float32.
-      return layer.activation(bias_add(x, layer.bias))
-    # A broadcast add: its gradient is a Sum, which sums float32 and bfloat16 in float32 (see bias_add).
-    return layer.activation(x + tf.cast(layer.bias, x.dtype))
+    if x.dtype == tf.float32:  # A broadcast add: its gradient a Sum (bias_add's BiasAddGrad sums in another order).
+      return layer.activation(x + tf.cast(layer.bias, x.dtype))
+    return layer.activation(bias_add(x, layer.bias))  # Below float32 the bias gradient is summed in float32.
 
 
 class _MLP(_Composite):
