@@ -731,6 +731,7 @@ def test_composite_layers_build_on_their_first_call_without_a_symbolic_trace(mon
   assert [len(layer.weights) for layer in layers] == [8, 10, 6, 6]
 
 
+@pytest.mark.parametrize('graph', [False, True], ids=['eager', 'graph'])
 @pytest.mark.parametrize('layer, shape', [
     (lambda: models.Dense(400, dtype='mixed_bfloat16'), (2500, 400)),
     (lambda: models.Conv2DTranspose(3, 6, strides=2, dtype='mixed_bfloat16'), (400, 30, 30, 32)),
@@ -738,19 +739,47 @@ def test_composite_layers_build_on_their_first_call_without_a_symbolic_trace(mon
     (lambda: models.Conv2D(64, 4, strides=2, matmul_filter_grad=True, dtype='mixed_bfloat16'), (400, 6, 6, 32)),
     (lambda: models.Conv2D(32, 4, strides=2, dtype='mixed_bfloat16'), (400, 64, 64, 3)),
 ])
-def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape):
+def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape, graph):
   """TensorFlow's CPU BiasAddGrad sums in bfloat16: over a batch of 2500 rows its bias gradient came out up to 61%
   off (and with the wrong sign for the decoder's 3 channels). The layers' bias gradient is the float32 sum of the
-  output gradients, so it is right to bfloat16's rounding of the result (2^-8)."""
+  output gradients, so it is right to bfloat16's rounding of the result (2^-8), eagerly and in a graph (where
+  oneDNN's rewrite would merge a convolution's BiasAddGrad into its filter gradient, but not when only the bias
+  gradient is asked for: then TensorFlow's BiasAddGrad ran and came out 99% off; docs/speed.md, session 15)."""
   layer = layer()
   x = tf.random.stateless_normal(shape, [0, 1])
-  layer(x)  # Builds.
-  with tf.GradientTape() as tape:
-    y = layer(x)
+  y = layer(x)  # Builds.
   dy = tf.cast(tf.random.stateless_normal(y.shape, [2, 3]) + 1.0, y.dtype)  # Mean 1: sums grow with the batch.
-  grad = tape.gradient(y, layer.bias, output_gradients=dy).numpy()
+
+  def bias_grad(x, dy):
+    with tf.GradientTape() as tape:
+      y = layer(x)
+    return tape.gradient(y, layer.bias, output_gradients=dy)
+  grad = (tf.function(bias_grad) if graph else bias_grad)(x, dy).numpy()
   truth = tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(y.shape) - 1))).numpy()
   np.testing.assert_allclose(grad, truth, rtol=2 ** -8)
+
+
+def test_channel_sums_of_few_channels_are_float32_sums_to_bfloat16_rounding():
+  """_channel_sum of bfloat16 gradients with few channels (the decoder's 3) sums rows of [W * C] first, then their
+  partial sums in float32: within bfloat16's rounding of the true sum, also where the terms cancel."""
+  rng = np.random.default_rng(4)
+  for shape, mean in (([400, 64, 64, 3], 1.0), ([50, 64, 64, 3], 0.0), ([7, 5, 6, 8], 0.5), ([9, 4, 3], 1.0)):
+    dy = tf.cast(rng.normal(mean, 1.0, size=shape), tf.bfloat16)
+    truth = tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(shape) - 1))).numpy()
+    got = models._channel_sum(dy)
+    assert got.dtype == tf.bfloat16 and got.shape == shape[-1:]
+    # Each of the W partial sums rounds once (2^-9 of its size); the result once more.
+    partial = np.abs(tf.reduce_sum(tf.cast(dy, tf.float64), list(range(len(shape) - 2))).numpy()).sum(0)
+    np.testing.assert_array_less(np.abs(got.numpy().astype(np.float64) - truth),
+                                 2 ** -9 * (partial + np.abs(truth)) + 1e-6)
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
+def test_depth_to_space_as_a_transpose_is_tensorflows(dtype):
+  x = tf.cast(tf.random.stateless_normal([3, 5, 7, 12], [5, 6]), dtype)
+  np.testing.assert_array_equal(models._depth_to_space_2x2(x).numpy(), tf.nn.depth_to_space(x, 2).numpy())
+  unknown = tf.function(models._depth_to_space_2x2, input_signature=[tf.TensorSpec([None, 5, 7, 12], dtype)])
+  np.testing.assert_array_equal(unknown(x).numpy(), tf.nn.depth_to_space(x, 2).numpy())
 
 
 def _optimized_ops(fn, *args):
