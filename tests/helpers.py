@@ -120,3 +120,16 @@ def tiny_agent(logdir, *argv, datadir=None, precision=None):
   dreamer.setup(config)
   agent = dreamer.Dreamer(config, spaces.Box(-1, 1, (6,)), precision=precision)
   return agent, dreamer.make_dataset(datadir, config, tf.distribute.get_strategy()), config
+
+
+def optimized_graphs(run):
+  """The graphs TensorFlow ran while `run()` ran, each with its graph before and after grappler
+  (`pre_optimization_graph`, `post_optimization_graph`), from run metadata. It also collects what other threads
+  ran meanwhile (an earlier test's input pipeline): callers pick theirs."""
+  from tensorflow.python.eager import context
+  context.enable_run_metadata()
+  try:
+    run()
+    return context.export_run_metadata().function_graphs
+  finally:
+    context.disable_run_metadata()

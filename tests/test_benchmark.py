@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import benchmark
 import benchmark_ab
-from helpers import ROOT, run_cli
+from helpers import ROOT, optimized_graphs, run_cli
 
 
 def test_graph_flops_counts_convolutions_their_gradients_and_matmuls():
@@ -115,18 +115,12 @@ def test_kernel_calls_count_each_kernel_per_loop_iteration_and_the_floor_times_t
 def test_under_one_thread_per_op_the_floor_and_peak_run_their_copies_side_by_side_unmerged(monkeypatch):
   # runtime.lanes() is 2 on two cores with --intra_op_threads 1; copies of one computation must stay copies
   # (grappler merges identical ones: the peak's first version timed one chain and doubled it).
-  from tensorflow.python.eager import context
   import runtime
   monkeypatch.setattr(runtime, 'lanes', lambda: 2)
 
   def matmuls(fn):
-    context.enable_run_metadata()
-    try:
-      fn()
-      graphs = context.export_run_metadata().function_graphs
-    finally:
-      context.disable_run_metadata()
-    return max(sum(node.op.endswith('MatMul') for node in g.post_optimization_graph.node) for g in graphs)
+    return max(sum(node.op.endswith('MatMul') for node in g.post_optimization_graph.node)
+               for g in optimized_graphs(fn))
 
   assert matmuls(lambda: benchmark.peak_gflops(tf.float32, size=64, repeats=3)) == 2 * 3
   attrs = (('transpose_a', False), ('transpose_b', False))

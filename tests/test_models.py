@@ -13,6 +13,7 @@ from tensorflow_probability import distributions as tfd
 import models
 import runtime
 import tools
+from helpers import optimized_graphs
 
 B, T, DEPTH, UNITS = 3, 4, 4, 16
 STOCH, DETER, EMBED, ACT = 5, 16, 8, 2
@@ -783,18 +784,11 @@ def test_depth_to_space_as_a_transpose_is_tensorflows(dtype):
 
 
 def _optimized_ops(fn, *args):
-  """(op, fused_ops) of the graph grappler makes of tf.function(fn) on these arguments, as it runs. Run metadata
-  also collects the graphs other threads run meanwhile (an earlier test's input pipeline): fn's is the one whose
-  graph before optimization holds the marker it returns."""
-  from tensorflow.python.eager import context
+  """(op, fused_ops) of the graph grappler makes of tf.function(fn) on these arguments, as it runs: of the graphs
+  run meanwhile, the one whose graph before optimization holds the marker it returns."""
   marker = 'optimized_ops_marker'
   probe = tf.function(lambda *args: (fn(*args), tf.identity(args[0], name=marker)))
-  context.enable_run_metadata()
-  try:
-    probe(*args)
-    graphs = context.export_run_metadata().function_graphs
-  finally:
-    context.disable_run_metadata()
+  graphs = optimized_graphs(lambda: probe(*args))
   ours = [g for g in graphs if any(n.name.endswith(marker) for n in g.pre_optimization_graph.node)]
   assert len(ours) == 1, [len(g.pre_optimization_graph.node) for g in graphs]
   return [(node.op, tuple(s.decode() for s in node.attr['fused_ops'].list.s))
