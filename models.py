@@ -130,7 +130,8 @@ def _bias_add_summed_in_float32(x, bias):
 
 
 def _channel_sum(dy):
-  """dy [..., C] summed over all but the last axis, accumulated in float32, in dy's dtype: a bias gradient."""
+  """dy [..., C] summed over all but the last axis, in dy's dtype: a bias gradient. Accumulated in float32 and
+  rounded once, except for bfloat16 with 3 or fewer channels (below)."""
   axes = list(range(dy.shape.rank - 1))
   if dy.dtype == tf.float16:
     return tf.cast(tf.reduce_sum(tf.cast(dy, tf.float32), axes), dy.dtype)
@@ -138,13 +139,13 @@ def _channel_sum(dy):
   # float32 sum without a float32 copy of dy, which cost a third of a second per paper-size step (docs/speed.md,
   # session 11).
   channels = dy.shape[-1]
-  if dy.dtype == tf.bfloat16 and dy.shape.rank >= 3 and dy.shape[1:].is_fully_defined() and channels < 16:
-    # Few channels innermost (the decoder's 3): TensorFlow's Sum runs at a fifth of its speed on 32. Rows of
-    # [W * C] first (a column sum at full speed), their W partial sums (each rounded to bfloat16) then in float32:
-    # the decoder's last bias gradient 40 -> 9 ms at the paper's size (docs/speed.md, session 15).
-    width = dy.shape[-2] * channels
-    partial = tf.cast(tf.reduce_sum(tf.reshape(dy, [-1, width]), 0), tf.float32)  # [W * C]
-    return tf.cast(tf.reduce_sum(tf.reshape(partial, [-1, channels]), 0), dy.dtype)
+  if dy.dtype == tf.bfloat16 and dy.shape.rank >= 3 and dy.shape[1:].is_fully_defined() and channels <= 3:
+    # The decoder's 3 channels innermost: TensorFlow's Sum ran at a fifth of its speed on 32 channels. Rows of
+    # [W * C] first (a column sum at full speed), then each channel's W partial sums, each rounded to bfloat16:
+    # the decoder's last bias gradient 40 -> 9 ms at the paper's size (docs/speed.md, session 15). With 4 to 12
+    # channels the row sums were slower than the plain Sum (a review's measurement), so only up to 3 take them.
+    partial = tf.reduce_sum(tf.reshape(dy, [-1, dy.shape[-2] * channels]), 0)  # [W * C]
+    return tf.reduce_sum(tf.reshape(partial, [-1, channels]), 0)
   return tf.reduce_sum(dy, axes)
 
 
@@ -272,11 +273,14 @@ def conv2d_transpose_subpixel(x, kernel, bias):
 def _depth_to_space_2x2(y):
   """tf.nn.depth_to_space(y, 2) for y [N, H, W, 4 * C] as a reshape and transpose (the same values): TensorFlow's
   DepthToSpace copies C elements at a time, and for the decoder's 3 channels took 43 ms (with the cast after it)
-  where oneDNN's transpose takes 15 ms at the paper's size (docs/speed.md, session 15)."""
-  n, h, w, c = y.shape
-  y = tf.reshape(y, [-1 if n is None else n, h, w, 2, 2, c // 4])  # [N, H, W, p, q, C]
+  where oneDNN's transpose takes 15 ms at the paper's size (docs/speed.md, session 15). TensorFlow's op where the
+  height, width or channels are unknown when traced."""
+  if y.shape.rank != 4 or not y.shape[1:].is_fully_defined():
+    return tf.nn.depth_to_space(y, 2)
+  _, h, w, c = y.shape
+  y = tf.reshape(y, [-1, h, w, 2, 2, c // 4])  # [N, H, W, p, q, C]
   y = tf.transpose(y, [0, 1, 3, 2, 4, 5])  # [N, H, p, W, q, C]
-  return tf.reshape(y, [-1 if n is None else n, 2 * h, 2 * w, c // 4])
+  return tf.reshape(y, [-1, 2 * h, 2 * w, c // 4])
 
 
 class _Composite(keras.layers.Layer):
