@@ -743,10 +743,11 @@ def test_composite_layers_build_on_their_first_call_without_a_symbolic_trace(mon
 def test_bfloat16_bias_gradients_are_sums_to_bfloat16_rounding(layer, shape, graph):
   """TensorFlow's CPU BiasAddGrad sums in bfloat16: over a batch of 2500 rows its bias gradient came out up to 61%
   off (and with the wrong sign for the decoder's 3 channels). The layers' bias gradient is the float32 sum of the
-  output gradients, so it is right to bfloat16's rounding of the result (2^-8), eagerly and in a graph. (In a
-  graph, a BiasAdd in bfloat16 would leave its gradient to the graph: oneDNN's rewrite merges a convolution's
-  BiasAddGrad into its filter gradient, but when only the bias gradient is asked for TensorFlow's own BiasAddGrad
-  ran and came out 99% off; docs/speed.md, session 15.)"""
+  output gradients, so it is right to bfloat16's rounding of the result (2^-8; for 3 channels, of its row sums,
+  the same bound for these same-sign gradients), eagerly and in a graph. (In a graph, a BiasAdd in bfloat16 would
+  leave its gradient to the graph: oneDNN's rewrite merges a convolution's BiasAddGrad into its filter gradient,
+  but when only the bias gradient is asked for TensorFlow's own BiasAddGrad ran and came out 99% off;
+  docs/speed.md, session 15.)"""
   layer = layer()
   x = tf.random.stateless_normal(shape, [0, 1])
   y = layer(x)  # Builds.
