@@ -42,7 +42,8 @@ METHODS = dict(
     reward_only=['--representation', 'reward'],
 )
 SMALL_FILES = ('config.json', 'metrics.jsonl', 'eval.json', 'run.json')
-COPY_EVERY = 300  # Seconds between copies of a running run's small files.
+COPY_EVERY = 60  # Seconds between copies of a running run's small files: a machine stopped under a run loses at
+# most this much of its record in run.json (its seconds and steps; the run itself resumes from its checkpoint).
 PIDS = 'campaign.pid'  # In --outdir while a campaign runs: its process id and its current run's (JSON).
 PAUSES = 'pauses.log'  # In --outdir: a line '<time> STOP' per --pause and '<time> CONT' per --resume.
 
