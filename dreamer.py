@@ -143,6 +143,7 @@ class Dreamer:
       self._float = keras.mixed_precision.Policy(self.precision).compute_dtype
       self.has_decoder = has_decoder(config)  # Only then is there an open-loop video (openl).
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
+      self._acts = itertools.count(seeds.first_act(0))  # Policy calls made without a seed (see policy).
       self._build_model()
       # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 and in bfloat16 on CPUs
       # (docs/speed.md, sessions 7, 8 and 10); not measured for float16 (GPUs) or for CEM's planning, which keep the
@@ -158,15 +159,18 @@ class Dreamer:
                                else self.precision)
       self._policy = tf.function(self._policy, autograph=False, jit_compile=self.policy_xla)
 
-  def policy(self, obs, reset, state, training, step=0):
+  def policy(self, obs, reset, state, training, step=0, seed=None):
     """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state. `step`
-    (env steps taken) sets the exploration amount."""
+    (env steps taken) sets the exploration amount. `seed` [2] (seeds.act) seeds every draw of the call; without
+    one the agent counts its calls from 0 (seeds.act(config.seed, call))."""
     image = tf.convert_to_tensor(obs['image'])
     if state is None:
       with self._acting():
         state = (self._dynamics.initial(len(obs['image'])), tf.zeros((len(obs['image']), self._actdim)))
+    if seed is None:
+      seed = seeds.act(self._c.seed, next(self._acts))
     args = (image, tf.convert_to_tensor(reset), state, bool(training),
-            tf.constant(self._expl_amount(training, step)))
+            tf.constant(self._expl_amount(training, step)), tf.constant(seed, tf.int64))
     # The traced graph for this mode and these input specs, called directly: tf.function's own dispatch (matching
     # the nested arguments to a trace) took about 1 ms of a 3.3 ms policy step at batch 1 (docs/speed.md).
     key = (args[3],) + tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args[:3]))
@@ -182,28 +186,29 @@ class Dreamer:
       return contextlib.nullcontext()
     return models.computing_in([self._encode, self._dynamics, self._actor], self.acting_precision)
 
-  def _policy(self, image, reset, state, training, amount):  # A tf.function once built (see __init__).
+  def _policy(self, image, reset, state, training, amount, seed):  # A tf.function once built (see __init__).
     with self._acting():
-      return self._act(image, reset, state, training, amount)
+      return self._act(image, reset, state, training, amount, seed)
 
-  def _act(self, image, reset, state, training, amount):
+  def _act(self, image, reset, state, training, amount, seed):
+    # Every draw is stateless from `seed` [2]: XLA ignores TensorFlow's seeds for stateful draws.
     latent, action = state
     mask = 1.0 - tf.cast(reset, tf.float32)[:, None]
     latent = {k: v * tf.cast(mask, v.dtype) for k, v in latent.items()}
     action = action * mask
     embed = self._encode(preprocess({'image': image}, self._c))
-    latent, _ = self._dynamics.obs_step(latent, action, embed)
+    latent, _ = self._dynamics.obs_step(latent, action, embed, tools.fold(seed, 0))
     planned = None  # The return CEM expects of its plan [N]; the actor has none.
     if self._c.behavior == 'cem':  # The plan's first action, the same in training and evaluation (as PlaNet).
       c = self._c
       action, planned = planning.cross_entropy_method(  # PlaNet's CEM on the learned model.
           self._dynamics, self._reward, latent, self._actdim, c.cem_horizon, c.cem_candidates, c.cem_topk,
-          c.cem_iterations)
+          c.cem_iterations, tools.fold(seed, 1))
     elif training:
-      action = self._actor(self._dynamics.get_feat(latent)).sample()
+      action = self._actor(self._dynamics.get_feat(latent)).sample(seed=tools.fold(seed, 1))
     else:
-      action = self._actor(self._dynamics.get_feat(latent)).mode()
-    action = self._exploration(action, training, amount)
+      action = self._actor(self._dynamics.get_feat(latent)).mode(seed=tools.fold(seed, 1))
+    action = self._exploration(action, training, amount, tools.fold(seed, 2))
     if training:  # In the graph: eager metric updates cost about 1 ms per step.
       self._metrics['expl_amount'].update_state(amount)
       if planned is not None and 'planned_return' in self._metrics:
@@ -216,17 +221,20 @@ class Dreamer:
     c = self._c
     return tools.exploration_amount(float(step), c.expl_amount, c.expl_decay, c.expl_min, c.expl_schedule)
 
-  def _exploration(self, action, training, amount):
+  def _exploration(self, action, training, amount, seed):
+    """The reference's exploration with stateless draws from `seed` [2] (the same distributions)."""
     if not training and not self._c.eval_noise:
       return action
+    shape = tf.shape(action)
     if self._c.expl == 'additive_gaussian':
-      return tf.clip_by_value(tfd.Normal(action, amount).sample(), -1, 1)
+      noise = tf.random.stateless_normal(shape, seed, dtype=action.dtype)
+      return tf.clip_by_value(action + tf.cast(amount, action.dtype) * noise, -1, 1)
     if self._c.expl == 'completely_random':
-      return tf.random.uniform(tf.shape(action), -1, 1)
-    if self._c.expl == 'epsilon_greedy':
-      indices = tfd.Categorical(logits=0 * action).sample()
+      return tf.random.stateless_uniform(shape, seed, -1, 1, dtype=action.dtype)
+    if self._c.expl == 'epsilon_greedy':  # A uniformly random action in a fraction `amount` of the rows.
+      indices = tf.random.stateless_uniform(shape[:1], tools.fold(seed, 0), 0, self._actdim, dtype=tf.int32)
       return tf.where(
-          tf.random.uniform(tf.shape(action)[:1], 0, 1)[:, None] < amount,
+          tf.random.stateless_uniform(shape[:1], tools.fold(seed, 1))[:, None] < amount,
           tf.one_hot(indices, self._actdim, dtype=action.dtype), action)
     raise NotImplementedError(self._c.expl)
 

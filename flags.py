@@ -49,7 +49,8 @@ ONEHOT = ('onehot', 'onehot_score')  # The same actor outputs, different gradien
 FLAGS = (
     # General.
     Flag('logdir', pathlib.Path('.'), 'run folder (episodes, metrics, checkpoint); `~` is expanded'),
-    Flag('seed', 0, 'seeds numpy, TF, the environments, the random prefill policy and the replay sampler'),
+    Flag('seed', 0, "seeds numpy, TF, the environments, the random prefill policy, the replay sampler, the train "
+         "step's and acting's draws (seeds.py)"),
     Flag('steps', int(5e6), 'environment steps to train for', positive=True, shown='5e6'),
     Flag('eval_every', int(1e4), 'environment steps collected between evaluations (and checkpoints)',
          positive=True, shown='1e4'),

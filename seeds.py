@@ -1,7 +1,11 @@
 """Every random stream of a run and how it derives from --seed, in one place (no TensorFlow here).
 
-- TensorFlow's global generator, numpy and Python: `keras.utils.set_random_seed(seed)` in dreamer.setup; acting
-  (policy samples, exploration noise) draws from TensorFlow's global generator.
+- TensorFlow's global generator, numpy and Python: `keras.utils.set_random_seed(seed)` in dreamer.setup (the
+  networks' initial weights).
+- Acting (the posterior sample, the actor's sample, exploration noise, CEM's candidates): stateless, from
+  `act(seed, call)` [2] per policy call, the call index counting on from `first_act(step)` so that a resumed run
+  draws new noise. Stateful draws would not do: under XLA (the policy is compiled with it, --jit_policy) they
+  ignore TensorFlow's seeds, so every --seed drew the same acting noise (docs/reproduction.md).
 - Environments: `env(seed, prefix, index, worker)`, one seed per environment process (train and test apart, the
   workers of a multi-worker run apart).
 - The prefill's random actions: the action space seeded with `prefill(seed, worker)`.
@@ -34,3 +38,16 @@ def first_update(step):
 def train_step(seed, update):
   """The [2] seed of the train step with this update index."""
   return [seed, update]
+
+
+def first_act(step):
+  """The policy-call index a run starts counting from at env step `step` (0 for a new run); fewer than 1000 calls
+  per env step (training calls take at least one env step each, evaluation adds a fraction) keep resumed runs from
+  repeating draws."""
+  return step * 1000
+
+
+def act(seed, call):
+  """The [2] seed of the policy call with this index. The second entry is negative, apart from every train step's
+  (train_step: update indices are never negative)."""
+  return [seed, -1 - call]

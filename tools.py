@@ -285,10 +285,11 @@ class SampleDist:
   def mean(self):
     return tf.reduce_mean(self._dist.sample(self._samples), 0)
 
-  def mode(self):
-    """Per batch element, the most likely of the samples. (The reference took, for every element, the index that
-    was best for element 0, which only matters with more than one element, e.g. --envs > 1.)"""
-    sample = self._dist.sample(self._samples)  # [S, *batch, A]
+  def mode(self, seed=None):
+    """Per batch element, the most likely of the samples (drawn statelessly with a seed [2]). (The reference took,
+    for every element, the index that was best for element 0, which only matters with more than one element, e.g.
+    --envs > 1.)"""
+    sample = self._dist.sample(self._samples, seed=seed)  # [S, *batch, A]
     logprob = self._dist.log_prob(sample)  # [S, *batch]
     best = tf.argmax(logprob, 0)  # [*batch]
     sample = tf.experimental.numpy.moveaxis(sample, 0, -2)  # [*batch, S, A]
@@ -333,7 +334,7 @@ class OneHotDist:
   def mean(self):
     return self._dist.probs_parameter()
 
-  def mode(self):
+  def mode(self, seed=None):  # Deterministic: `seed` only matches SampleDist.mode.
     return self._one_hot(self._dist.mode())
 
   def sample(self, amount=None, seed=None):

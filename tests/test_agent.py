@@ -13,6 +13,7 @@ from gymnasium import spaces
 
 import dreamer
 import loop
+import seeds
 import tools
 from helpers import build_agent
 
@@ -96,10 +97,12 @@ def test_completely_random_is_uniform_whatever_the_actor():
 def test_epsilon_greedy_replaces_whole_rows_per_environment():
   agent = make_agent('--action_dist', 'onehot', '--expl', 'epsilon_greedy', '--expl_amount', '0.4',
                      actspace=spaces.Discrete(5))
-  explore = tf.function(lambda action: agent._exploration(action, True, tf.constant(0.4)), autograph=False)
+  explore = tf.function(lambda action, seed: agent._exploration(action, True, tf.constant(0.4), seed),
+                        autograph=False)
   E, calls = 8, 400
   marker = tf.fill([E, 5], 0.5)  # Not one-hot: a kept row is told apart from a replaced one.
-  draws = np.stack([explore(marker).numpy() for _ in range(calls)])  # [calls, E, 5]
+  draws = np.stack([explore(marker, tf.constant(seeds.act(0, call), tf.int64)).numpy()
+                    for call in range(calls)])  # [calls, E, 5]
   kept = np.all(draws == 0.5, -1)
   replaced = ~kept
   # The mask is per row: a row is kept or replaced as a whole, by a one-hot action.
@@ -124,6 +127,65 @@ def test_epsilon_greedy_policy_gives_one_hot_actions():
   fractions = action.mean(0)
   np.testing.assert_array_less(np.abs(fractions[1:] - 0.08), 0.02)
   assert abs(fractions[0] - 0.68) < 0.035
+
+
+# Seeds --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('jit', ['True', 'False'])
+@pytest.mark.parametrize('expl', ['additive_gaussian', 'completely_random'])
+def test_acting_noise_follows_the_seed_also_under_xla(jit, expl):
+  # Under XLA (--jit_policy) stateful draws ignore TensorFlow's seeds: every --seed drew the same exploration
+  # noise. The actor is steered to one action, so only the noise tells the agents apart.
+  def noise(flag_seed, calls=2, **kwargs):
+    agent = make_agent('--seed', str(flag_seed), '--jit_policy', jit, '--expl', expl, '--expl_amount', '0.3')
+    assert agent.policy_xla == (jit == 'True')
+    steer_tanh_normal(agent, [0.0, 0.5, -0.5])
+    return [agent.policy(images(64), np.ones(64, bool), None, True, **kwargs)[0] for _ in range(calls)]
+  first, second = noise(0)
+  np.testing.assert_array_equal(noise(0)[0], first)  # The same seed draws the same, in a new agent too.
+  assert np.abs(first - second).max() > 0.1  # Each call draws anew ...
+  assert np.abs(noise(1)[0] - first).max() > 0.1  # ... and another --seed draws otherwise.
+  # An explicit seed (the loop's seeds.act) decides the draws alone.
+  explicit = noise(1, calls=1, seed=seeds.act(0, 0))[0]
+  np.testing.assert_array_equal(explicit, first)
+  assert np.abs(noise(0, calls=1, seed=seeds.act(0, 7))[0] - first).max() > 0.1
+
+
+@pytest.mark.parametrize('jit', ['True', 'False'])
+def test_the_evaluation_mode_follows_the_seed(jit):
+  # The tanh-normal's mode is the most likely of 100 samples: drawn from the call's seed too. The actor ignores
+  # its input (so the latent sample plays no part) and has a wide std (so the samples spread).
+  agent = make_agent('--eval_noise', '0.0', '--jit_policy', jit)
+  steer_actor(agent, [0.0, 0.0, 0.0, 5.0, 5.0, 5.0])
+  draw = lambda seed: agent.policy(images(2), np.ones(2, bool), None, False, seed=seed)[0]
+  np.testing.assert_array_equal(draw(seeds.act(0, 3)), draw(seeds.act(0, 3)))
+  assert np.abs(draw(seeds.act(0, 3)) - draw(seeds.act(1, 3))).max() > 0.01
+
+
+def test_the_latent_sample_follows_the_seed():
+  agent = make_agent()
+  draw = lambda seed: agent.policy(images(2), np.ones(2, bool), None, False, seed=seed)[1][0]['stoch'].numpy()
+  np.testing.assert_array_equal(draw(seeds.act(0, 3)), draw(seeds.act(0, 3)))
+  assert np.abs(draw(seeds.act(0, 3)) - draw(seeds.act(1, 3))).max() > 0.1
+
+
+def test_the_loop_seeds_acting_from_the_step_it_starts_at(tmp_path):
+  # A resumed run draws new acting noise: the trainer's first call at env step S uses seeds.act(seed, first_act(S)).
+  config = dreamer.parse_args(['--preset', 'debug', '--expl_amount', '0.3', '--train_every', '1000000',
+                               '--seed', '3'])
+  agent = dreamer.Dreamer(config, BOX)
+  steer_tanh_normal(agent, [0.0, 0.0, 0.0])
+  counter = loop.Counter(tmp_path, config.action_repeat)
+  counter.step = 5000
+  trainer = loop.Trainer(agent, None, config, counter, loop.Logger(tmp_path, None, config.steps))
+  trainer._should_train(counter.step)  # Not at a round now.
+  policy = trainer.policy(training=True)
+  first, _ = policy(images(8), np.ones(8, bool), None)
+  second, _ = policy(images(8), np.ones(8, bool), None)
+  for call, got in ((seeds.first_act(5000), first), (seeds.first_act(5000) + 1, second)):
+    want, _ = agent.policy(images(8), np.ones(8, bool), None, True, 5000, seeds.act(3, call))
+    np.testing.assert_array_equal(got, want)
+  assert seeds.first_act(5000) > 0 and np.abs(first - second).max() > 0.1
 
 
 # Schedule -----------------------------------------------------------------------------------------------------------
@@ -190,11 +252,11 @@ def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_functio
   state = None
   for seed in range(3):
     obs, before = images(2, seed), state
-    _, state = agent.policy(obs, np.array([seed == 0, False]), state, False)
+    _, state = agent.policy(obs, np.array([seed == 0, False]), state, False, seed=seeds.act(0, seed))
   assert agent._policy.experimental_get_tracing_count() == 1  # The first state (zeros) and later ones share it.
   _, (direct, _) = agent._policy(tf.constant(obs['image']), tf.constant([False, False]), before, False,
-                                 tf.constant(0.0))
-  for key in ('deter', 'mean', 'std'):  # The deterministic parts (the posterior sample differs).
+                                 tf.constant(0.0), tf.constant(seeds.act(0, 2), tf.int64))
+  for key in ('deter', 'mean', 'std', 'stoch'):  # The same seed: the posterior sample agrees too.
     np.testing.assert_array_equal(state[0][key].numpy(), direct[key].numpy(), err_msg=key)
   agent.policy(images(3), np.ones(3, bool), None, False)  # Another batch size: its own graph.
   agent.policy(images(2), np.ones(2, bool), None, True)  # Training mode: its own graph.
