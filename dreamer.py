@@ -143,7 +143,8 @@ class Dreamer:
       self._float = keras.mixed_precision.Policy(self.precision).compute_dtype
       self.has_decoder = has_decoder(config)  # Only then is there an open-loop video (openl).
       self._policy_graphs = {}  # (training, input specs) -> concrete function of _policy.
-      self._acts = itertools.count(seeds.first_act(0))  # Policy calls made without a seed (see policy).
+      self._acts = itertools.count(seeds.first_act(0))  # Policy calls made without an index (see policy).
+      self._worker = worker_index(self._strategy)  # Workers of a multi-worker run draw apart.
       self._build_model()
       # The acting graph. XLA fuses its ~100 small batch-1 ops: measured faster in float32 and in bfloat16 on CPUs
       # (docs/speed.md, sessions 7, 8 and 10); not measured for float16 (GPUs) or for CEM's planning, which keep the
@@ -159,18 +160,17 @@ class Dreamer:
                                else self.precision)
       self._policy = tf.function(self._policy, autograph=False, jit_compile=self.policy_xla)
 
-  def policy(self, obs, reset, state, training, step=0, seed=None):
+  def policy(self, obs, reset, state, training, step=0, call=None):
     """obs['image'] uint8 [N, 64, 64, 3], reset bool [N] -> action float32 [N, A] (numpy), next state. `step`
-    (env steps taken) sets the exploration amount. `seed` [2] (seeds.act) seeds every draw of the call; without
-    one the agent counts its calls from 0 (seeds.act(config.seed, call))."""
+    (env steps taken) sets the exploration amount. `call` indexes the call's draws (seeds.act with --seed and this
+    worker); without one the agent counts its calls from 0."""
     image = tf.convert_to_tensor(obs['image'])
     if state is None:
       with self._acting():
         state = (self._dynamics.initial(len(obs['image'])), tf.zeros((len(obs['image']), self._actdim)))
-    if seed is None:
-      seed = seeds.act(self._c.seed, next(self._acts))
+    seed = seeds.act(self._c.seed, next(self._acts) if call is None else call, self._worker)
     args = (image, tf.convert_to_tensor(reset), state, bool(training),
-            tf.constant(self._expl_amount(training, step)), tf.constant(seed, tf.int64))
+            tf.constant(self._expl_amount(training, step)), tf.constant(seed, tf.int32))
     # The traced graph for this mode and these input specs, called directly: tf.function's own dispatch (matching
     # the nested arguments to a trace) took about 1 ms of a 3.3 ms policy step at batch 1 (docs/speed.md).
     key = (args[3],) + tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args[:3]))

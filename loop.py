@@ -143,7 +143,7 @@ class Trainer:
       print(f'Note: --representation {config.representation} trains no image decoder, so no agent/openl video '
             'is written.')
     self._updates = seeds.first_update(counter.step)
-    self._acts = seeds.first_act(counter.step)  # The next policy call's index (seeds.act).
+    self._acts = seeds.first_act(counter.step)  # The next policy call's index (its draws: seeds.act).
     self._nonfinite = 0  # Train steps skipped for non-finite gradients since the last log.
 
   def build(self):
@@ -160,7 +160,7 @@ class Trainer:
       step = self._counter.step
       if self._should_train(step):
         self._train_round(step)
-      action, state = self._agent.policy(obs, reset, state, training, step, seeds.act(self._c.seed, self._acts))
+      action, state = self._agent.policy(obs, reset, state, training, step, self._acts)
       self._acts += 1
       if training:
         self._counter.add_steps(len(reset))

@@ -101,7 +101,7 @@ def test_epsilon_greedy_replaces_whole_rows_per_environment():
                         autograph=False)
   E, calls = 8, 400
   marker = tf.fill([E, 5], 0.5)  # Not one-hot: a kept row is told apart from a replaced one.
-  draws = np.stack([explore(marker, tf.constant(seeds.act(0, call), tf.int64)).numpy()
+  draws = np.stack([explore(marker, tf.constant(seeds.act(0, call), tf.int32)).numpy()
                     for call in range(calls)])  # [calls, E, 5]
   kept = np.all(draws == 0.5, -1)
   replaced = ~kept
@@ -145,10 +145,11 @@ def test_acting_noise_follows_the_seed_also_under_xla(jit, expl):
   np.testing.assert_array_equal(noise(0)[0], first)  # The same seed draws the same, in a new agent too.
   assert np.abs(first - second).max() > 0.1  # Each call draws anew ...
   assert np.abs(noise(1)[0] - first).max() > 0.1  # ... and another --seed draws otherwise.
-  # An explicit seed (the loop's seeds.act) decides the draws alone.
-  explicit = noise(1, calls=1, seed=seeds.act(0, 0))[0]
-  np.testing.assert_array_equal(explicit, first)
-  assert np.abs(noise(0, calls=1, seed=seeds.act(0, 7))[0] - first).max() > 0.1
+  # The call index (the loop's count) decides the draws: the agent's own count starts at 0. Every bit of it counts,
+  # also under XLA, which reads only the low 32 bits of an int64 seed.
+  np.testing.assert_array_equal(noise(0, calls=1, call=0)[0], first)
+  assert np.abs(noise(0, calls=1, call=7)[0] - first).max() > 0.1
+  assert np.abs(noise(0, calls=1, call=7 + 2 ** 32)[0] - noise(0, calls=1, call=7)[0]).max() > 0.1
 
 
 @pytest.mark.parametrize('jit', ['True', 'False'])
@@ -157,20 +158,51 @@ def test_the_evaluation_mode_follows_the_seed(jit):
   # its input (so the latent sample plays no part) and has a wide std (so the samples spread).
   agent = make_agent('--eval_noise', '0.0', '--jit_policy', jit)
   steer_actor(agent, [0.0, 0.0, 0.0, 5.0, 5.0, 5.0])
-  draw = lambda seed: agent.policy(images(2), np.ones(2, bool), None, False, seed=seed)[0]
-  np.testing.assert_array_equal(draw(seeds.act(0, 3)), draw(seeds.act(0, 3)))
-  assert np.abs(draw(seeds.act(0, 3)) - draw(seeds.act(1, 3))).max() > 0.01
+  draw = lambda call: agent.policy(images(2), np.ones(2, bool), None, False, call=call)[0]
+  np.testing.assert_array_equal(draw(3), draw(3))
+  assert np.abs(draw(3) - draw(4)).max() > 0.01
 
 
 def test_the_latent_sample_follows_the_seed():
   agent = make_agent()
-  draw = lambda seed: agent.policy(images(2), np.ones(2, bool), None, False, seed=seed)[1][0]['stoch'].numpy()
-  np.testing.assert_array_equal(draw(seeds.act(0, 3)), draw(seeds.act(0, 3)))
-  assert np.abs(draw(seeds.act(0, 3)) - draw(seeds.act(1, 3))).max() > 0.1
+  draw = lambda call: agent.policy(images(2), np.ones(2, bool), None, False, call=call)[1][0]['stoch'].numpy()
+  np.testing.assert_array_equal(draw(3), draw(3))
+  assert np.abs(draw(3) - draw(4)).max() > 0.1
+
+
+STATEFUL_RANDOM = ('RandomStandardNormal', 'RandomUniform', 'RandomUniformInt', 'TruncatedNormal', 'Multinomial',
+                   'RandomGamma', 'RandomPoisson', 'RandomPoissonV2', 'RandomShuffle', 'ParameterizedTruncatedNormal',
+                   'RngReadAndSkip', 'RngSkip', 'StatefulStandardNormalV2', 'StatefulUniform', 'StatefulUniformInt',
+                   'StatefulUniformFullInt', 'StatefulTruncatedNormal', 'StatefulRandomBinomial')
+
+
+def random_ops(graph_def):
+  """The op types of a graph and of every function in its library."""
+  nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+  return [n.op for n in nodes if 'Random' in n.op or n.op.startswith('Stateful') or n.op.startswith('Rng')
+          or n.op == 'Multinomial']
+
+
+@pytest.mark.parametrize('argv, actspace', [
+    ([], BOX), (['--jit_policy', 'False'], BOX), (['--expl', 'completely_random'], BOX),
+    (['--behavior', 'cem', '--cem_candidates', '8', '--cem_topk', '2', '--cem_iterations', '2'], BOX),
+    (['--action_dist', 'onehot', '--expl', 'epsilon_greedy'], spaces.Discrete(4))],
+    ids=['actor', 'plain_graph', 'completely_random', 'cem', 'epsilon_greedy'])
+def test_every_draw_of_the_policy_is_stateless(argv, actspace):
+  # A stateful draw in the policy ignores the seed under XLA and is not reproducible by call: there is none, in
+  # either mode. (The scan sees the stateless draws, so it would see stateful ones.)
+  agent = make_agent('--eval_noise', '0.1', *argv, actspace=actspace)
+  for training in (True, False):
+    agent.policy(images(2), np.ones(2, bool), None, training)
+  assert len(agent._policy_graphs) == 2
+  for run in agent._policy_graphs.values():
+    ops = random_ops(run.graph.as_graph_def())
+    assert any(op.startswith('StatelessRandom') for op in ops), ops
+    assert not set(ops) & set(STATEFUL_RANDOM), sorted(set(ops))
 
 
 def test_the_loop_seeds_acting_from_the_step_it_starts_at(tmp_path):
-  # A resumed run draws new acting noise: the trainer's first call at env step S uses seeds.act(seed, first_act(S)).
+  # A resumed run draws new acting noise: the trainer's first call at env step S has the index first_act(S).
   config = dreamer.parse_args(['--preset', 'debug', '--expl_amount', '0.3', '--train_every', '1000000',
                                '--seed', '3'])
   agent = dreamer.Dreamer(config, BOX)
@@ -183,9 +215,19 @@ def test_the_loop_seeds_acting_from_the_step_it_starts_at(tmp_path):
   first, _ = policy(images(8), np.ones(8, bool), None)
   second, _ = policy(images(8), np.ones(8, bool), None)
   for call, got in ((seeds.first_act(5000), first), (seeds.first_act(5000) + 1, second)):
-    want, _ = agent.policy(images(8), np.ones(8, bool), None, True, 5000, seeds.act(3, call))
+    want, _ = agent.policy(images(8), np.ones(8, bool), None, True, 5000, call)
     np.testing.assert_array_equal(got, want)
   assert seeds.first_act(5000) > 0 and np.abs(first - second).max() > 0.1
+
+
+def test_acting_seeds_are_int32_hashes_of_seed_worker_and_call():
+  # int32 [2], the same for the same inputs, apart for any other seed, worker or call (also calls 2^32 apart).
+  base = seeds.act(0, 5)
+  assert len(base) == 2 and all(-2 ** 31 <= x < 2 ** 31 for x in base)
+  assert seeds.act(0, 5) == base
+  others = [seeds.act(1, 5), seeds.act(0, 6), seeds.act(0, 5, worker=1), seeds.act(0, 5 + 2 ** 32), seeds.act(-1, 5)]
+  assert len({tuple(base)} | {tuple(o) for o in others}) == 6
+  assert base != seeds.train_step(0, 5)
 
 
 # Schedule -----------------------------------------------------------------------------------------------------------
@@ -252,10 +294,10 @@ def test_policy_runs_one_graph_per_mode_and_batch_and_matches_the_traced_functio
   state = None
   for seed in range(3):
     obs, before = images(2, seed), state
-    _, state = agent.policy(obs, np.array([seed == 0, False]), state, False, seed=seeds.act(0, seed))
+    _, state = agent.policy(obs, np.array([seed == 0, False]), state, False, call=seed)
   assert agent._policy.experimental_get_tracing_count() == 1  # The first state (zeros) and later ones share it.
   _, (direct, _) = agent._policy(tf.constant(obs['image']), tf.constant([False, False]), before, False,
-                                 tf.constant(0.0), tf.constant(seeds.act(0, 2), tf.int64))
+                                 tf.constant(0.0), tf.constant(seeds.act(0, 2), tf.int32))  # --seed 0, call 2.
   for key in ('deter', 'mean', 'std', 'stoch'):  # The same seed: the posterior sample agrees too.
     np.testing.assert_array_equal(state[0][key].numpy(), direct[key].numpy(), err_msg=key)
   agent.policy(images(3), np.ones(3, bool), None, False)  # Another batch size: its own graph.
