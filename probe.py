@@ -76,13 +76,10 @@ def probe(agent, config, batch, update):
   row = dict(update=update, action_mean=float(action.mean()), action_below0=float((action < 0).mean()),
              std=float(normal.scale.numpy().mean()))
   for a in ACTIONS:
-    state, rewards = start, []
-    for t in range(config.horizon):
-      const = tf.fill([action.shape[0], agent._actdim], a)
-      state = agent._dynamics.img_step(state, const, tf.constant([t, 2], tf.int64))
-      rewards.append(agent._reward(agent._dynamics.get_feat(state)).mode())
-    row[f'reward_sum_{a:+g}'] = float(tf.reduce_mean(tf.add_n(rewards)))
-    row[f'value_{a:+g}'] = float(tf.reduce_mean(agent._value(agent._dynamics.get_feat(state)).mode()))
+    const = tf.fill([action.shape[0], config.horizon, agent._actdim], a)
+    feat = agent._dynamics.get_feat(agent._dynamics.imagine(const, start, tf.constant([0, 2], tf.int64)))  # [N, H, F]
+    row[f'reward_sum_{a:+g}'] = float(tf.reduce_mean(tf.reduce_sum(agent._reward(feat).mode(), 1)))
+    row[f'value_{a:+g}'] = float(tf.reduce_mean(agent._value(feat[:, -1]).mode()))
   return row
 
 
@@ -119,10 +116,9 @@ def main(argv=None):
 def replay(config, directory, updates, every):
   """Trains a fresh agent `updates` steps on the episodes in `directory`, probing every `every` (and at 0)."""
   keras.utils.set_random_seed(config.seed)  # The initial weights, as dreamer.setup sets them.
-  episode = tools.load_episode(next(pathlib.Path(directory).glob('*.npz')))
-  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, episode['action'].shape[1:], np.float32))
   dataset = iter(dreamer.load_dataset(directory, config))
   batch = next(iter(dreamer.load_dataset(directory, config, seed=config.seed + 1)))  # Fixed, apart from training's.
+  agent = dreamer.Dreamer(config, spaces.Box(-1, 1, batch['action'].shape[-1:], np.float32))
   rows = []
   for update in range(updates + 1):
     if update:
